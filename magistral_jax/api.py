@@ -1,0 +1,125 @@
+"""The public model object: `load_model`, `init_model` and `Model.logits`."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from magistral_jax.config import ModelConfig, canonical_dtype, read_config
+from magistral_jax.model import decoder
+from magistral_jax.model import params as P
+from magistral_jax.sharding import host_array_to_global, logical_sharding
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _logits(params, tokens, positions, segment_ids, cfg: ModelConfig):
+    return decoder.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)[0]
+
+
+@dataclass
+class Model:
+    """A configured model with its parameters, placed on `mesh` (or the default device)."""
+
+    cfg: ModelConfig
+    params: P.ParamTree
+    mesh: Mesh | None = None
+
+    def mesh_context(self) -> contextlib.AbstractContextManager:
+        """`jax.set_mesh(self.mesh)`, or nothing without a mesh."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def place_batch(self, x: np.ndarray | jax.Array) -> jax.Array:
+        """Puts a [B, T] host array on the mesh with the activations' batch sharding."""
+        if self.mesh is None or isinstance(x, jax.Array):
+            return jnp.asarray(x)
+        sharding = logical_sharding(self.mesh, ("batch", "act_seq"), self.cfg.rules, x.shape)
+        return host_array_to_global(np.asarray(x), sharding)
+
+    def logits(
+        self,
+        tokens: np.ndarray | jax.Array,
+        *,
+        mask: np.ndarray | jax.Array | None = None,
+        segment_ids: np.ndarray | jax.Array | None = None,
+        positions: np.ndarray | jax.Array | None = None,
+    ) -> jax.Array:
+        """float32 logits [batch, seq, vocab] of int32 `tokens` [batch, seq].
+
+        Args:
+          mask: 1 for real tokens, 0 for padding (left or right); shorthand for `segment_ids`.
+          segment_ids: 0 for padding, one id per packed document.
+          positions: RoPE positions; by default each document counts from 0.
+        """
+        tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens: an integer array [batch, seq] is expected, got {tokens.dtype}{tokens.shape}")
+        if isinstance(tokens, np.ndarray) and tokens.size:
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.cfg.text.vocab_size:
+                raise ValueError(f"tokens: ids must lie in [0, {self.cfg.text.vocab_size}), got [{lo}, {hi}]")
+        if mask is not None and segment_ids is not None:
+            raise ValueError("logits: pass either mask or segment_ids, not both")
+        if mask is not None:
+            segment_ids = (np.asarray(mask) != 0).astype(np.int32)
+        for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
+            if arr is not None and tuple(arr.shape) != tuple(tokens.shape):
+                raise ValueError(f"{name}: shape {tuple(tokens.shape)} expected, got {tuple(arr.shape)}")
+        if segment_ids is None:
+            segment_ids = np.ones(tokens.shape, np.int32)
+        with self.mesh_context():
+            pos = None if positions is None else self.place_batch(np.asarray(positions, np.int32))
+            return _logits(
+                self.params,
+                self.place_batch(tokens.astype(np.int32)),
+                pos,
+                self.place_batch(np.asarray(segment_ids, np.int32)),
+                self.cfg,
+            )
+
+
+def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+    if dtype is None:
+        return cfg
+    dtype = canonical_dtype(dtype)
+    return cfg.replace(param_dtype=dtype, dtype=dtype)
+
+
+def init_model(cfg: ModelConfig, key: jax.Array | int = 0, mesh: Mesh | None = None, dtype: str | None = None) -> Model:
+    """A model with random parameters, initialised directly in their shardings on `mesh`."""
+    cfg = _with_dtype(cfg, dtype)
+    key = jax.random.key(key) if isinstance(key, int) else key
+    specs = decoder.param_specs(cfg.text)
+    return Model(cfg, P.init(specs, key, cfg.param_dtype, mesh, cfg.rules), mesh)
+
+
+def load_model(
+    path: str | os.PathLike[str], mesh: Mesh | None = None, dtype: str | None = "bfloat16", progress: bool = False
+) -> Model:
+    """Loads a checkpoint directory: Hugging Face (`config.json` + safetensors, with or without index).
+
+    Args:
+      path: the checkpoint directory.
+      mesh: where to place the parameters (sharded by the config's rules); default device if None.
+      dtype: parameter and compute dtype (`bfloat16`, `float32`, ...); None keeps the
+        checkpoint's own dtype for the parameters and computes in bfloat16.
+      progress: show a progress bar.
+    """
+    from magistral_jax.checkpoint import hf
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise hf.CheckpointError(
+            f"{path}: no config.json; load_model reads Hugging Face checkpoint directories "
+            "(config.json + *.safetensors)"
+        )
+    cfg = _with_dtype(read_config(path), dtype)
+    return Model(cfg, hf.load_text_params(path, cfg, mesh, progress=progress), mesh)

@@ -1,0 +1,546 @@
+"""Model configurations: typed dataclasses, named presets, and readers for checkpoint configs.
+
+A `ModelConfig` holds the architecture (`TextConfig`, optional `VisionConfig`) and how to run it
+(parameter and compute dtypes, remat policy, attention implementation, sharding rules). Configs
+are frozen and hashable, so they can be passed to `jax.jit` as static arguments.
+
+Readers:
+- `from_hf_config(dict)` reads a Hugging Face `config.json` of `MistralForCausalLM` (flat) or
+  `Mistral3ForConditionalGeneration` (`text_config` / `vision_config` nesting), with the field
+  names of transformers 4.x (`rope_theta`, `torch_dtype`) and 5.x (`rope_parameters`, `dtype`).
+- `from_mistral_params(dict)` reads a Mistral `params.json` (`dim`, `n_layers`, ...,
+  optional `vision_encoder`).
+
+- `read_config(path)` also reads the project's own YAML model configs (`configs/*.yaml`):
+  `preset: NAME` plus field overrides, flat (`remat: full`) or nested (`text: {n_layers: 2}`).
+
+`apply_overrides(cfg, ["text.n_layers=2", "remat=full"])` applies command-line `key=value` pairs.
+Every inconsistency raises `ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from magistral_jax.sharding import DEFAULT_RULES, Rules, validate_rules
+
+RematPolicy = Literal["none", "full", "save_matmuls", "save_qkv"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "chunked"]
+ReasoningFormat = Literal["think_tokens", "think_tags"]
+
+REMAT_POLICIES: tuple[str, ...] = ("none", "full", "save_matmuls", "save_qkv")
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "chunked")
+DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent; the message names the field."""
+
+
+def canonical_dtype(name: str, field_name: str = "dtype") -> str:
+    """Returns the canonical dtype name for `name` (accepts bf16/fp32/... aliases)."""
+    value = _DTYPE_ALIASES.get(str(name), str(name))
+    if value not in DTYPES:
+        raise ConfigError(f"{field_name}: {name!r} is not a supported dtype; expected one of {DTYPES}")
+    return value
+
+
+def _require_positive(obj: Any, prefix: str, names: tuple[str, ...], kind: type = int) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, kind | int) or isinstance(value, bool) or value <= 0:
+            what = "integer" if kind is int else "number"
+            raise ConfigError(f"{prefix}.{name}: a positive {what} is expected, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The decoder: a Mistral dense transformer with GQA, RoPE and SwiGLU, untied output head."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e9
+    max_position_embeddings: int = 131072
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            self,
+            "text",
+            (
+                "vocab_size",
+                "dim",
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "head_dim",
+                "hidden_dim",
+                "max_position_embeddings",
+            ),
+        )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"text.n_kv_heads: {self.n_kv_heads} must divide text.n_heads ({self.n_heads})")
+        _require_positive(self, "text", ("norm_eps", "rope_theta"), float)
+        if self.head_dim % 2:
+            raise ConfigError(f"text.head_dim: RoPE needs an even head dimension, got {self.head_dim}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Pixtral vision encoder and the patch-merger projector into the decoder."""
+
+    hidden_size: int = 1024
+    n_layers: int = 24
+    n_heads: int = 16
+    head_dim: int = 64
+    intermediate_size: int = 4096
+    patch_size: int = 14
+    image_size: int = 1540
+    num_channels: int = 3
+    rope_theta: float = 1e4
+    norm_eps: float = 1e-5
+    spatial_merge_size: int = 2
+    image_token_id: int = 10
+    image_break_token_id: int = 12
+    image_end_token_id: int = 13
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            self,
+            "vision",
+            (
+                "hidden_size",
+                "n_layers",
+                "n_heads",
+                "head_dim",
+                "intermediate_size",
+                "patch_size",
+                "image_size",
+                "num_channels",
+                "spatial_merge_size",
+            ),
+        )
+        _require_positive(self, "vision", ("rope_theta", "norm_eps"), float)
+        if self.head_dim % 4:
+            raise ConfigError(f"vision.head_dim: 2D RoPE needs a multiple of 4, got {self.head_dim}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture plus how to run it.
+
+    Attributes:
+      name: preset name or where the config was read from.
+      text: the decoder architecture.
+      vision: the vision encoder and projector, or None for text-only checkpoints.
+      reasoning: how the model writes its reasoning: `think_tokens` ([THINK]/[/THINK] control
+        tokens, 2507/2509), `think_tags` (plain-text <think> tags, 2506) or None.
+      param_dtype: dtype parameters are stored in.
+      dtype: dtype of activations and matmul inputs; norms' statistics, softmax and logits are
+        always float32.
+      remat: rematerialisation policy of each layer: `none`, `full` (save nothing inside a
+        layer), `save_matmuls` (keep every projection's output), `save_qkv` (keep q, k, v).
+      attention: attention implementation (`auto`, `xla`, `cudnn`, `chunked`).
+      attention_block: query/key block size of the chunked attention.
+      rules: logical axis -> mesh axes table (see `magistral_jax.sharding`).
+    """
+
+    text: TextConfig
+    vision: VisionConfig | None = None
+    name: str = "custom"
+    reasoning: ReasoningFormat | None = None
+    param_dtype: str = "bfloat16"
+    dtype: str = "bfloat16"
+    remat: RematPolicy = "full"
+    attention: AttentionImpl = "auto"
+    attention_block: int = 512
+    rules: Rules = field(default=DEFAULT_RULES)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype, "param_dtype"))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "dtype"))
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat: {self.remat!r} is not a policy; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attention: {self.attention!r} is not an implementation; expected one of {ATTENTION_IMPLS}"
+            )
+        if self.reasoning not in (None, "think_tokens", "think_tags"):
+            raise ConfigError(f"reasoning: {self.reasoning!r}; expected 'think_tokens', 'think_tags' or None")
+        if not isinstance(self.attention_block, int) or self.attention_block <= 0:
+            raise ConfigError(f"attention_block: a positive integer is expected, got {self.attention_block!r}")
+        validate_rules(self.rules)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes`; `text.x` / `vision.x` keys change nested fields."""
+        nested: dict[str, dict[str, Any]] = {"text": {}, "vision": {}}
+        top: dict[str, Any] = {}
+        for key, value in changes.items():
+            head, _, rest = key.partition(".")
+            if rest:
+                if head not in nested:
+                    raise ConfigError(f"{key}: unknown config field")
+                nested[head][rest] = value
+            else:
+                top[key] = value
+        known = {f.name for f in dataclasses.fields(self)}
+        for key in top:
+            if key not in known:
+                raise ConfigError(f"{key}: unknown config field; expected one of {sorted(known)}")
+        cfg = dataclasses.replace(self, **top)
+        for part, fields_ in nested.items():
+            if not fields_:
+                continue
+            sub = getattr(cfg, part)
+            if sub is None:
+                raise ConfigError(f"{part}: this config has no {part} part to change")
+            sub_known = {f.name for f in dataclasses.fields(sub)}
+            for key in fields_:
+                if key not in sub_known:
+                    raise ConfigError(f"{part}.{key}: unknown config field; expected one of {sorted(sub_known)}")
+            cfg = dataclasses.replace(cfg, **{part: dataclasses.replace(sub, **fields_)})
+        return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+# Mistral Small 3.1 / 3.2 and all Magistral Small releases share this decoder
+# (reference/architecture-and-checkpoints.md, section 1).
+_TEXT_24B = TextConfig(
+    vocab_size=131072,
+    dim=5120,
+    n_layers=40,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    hidden_dim=32768,
+    norm_eps=1e-5,
+    rope_theta=1e9,
+    max_position_embeddings=131072,
+)
+_PIXTRAL_24B = VisionConfig()
+
+PRESETS: dict[str, ModelConfig] = {
+    "mistral-small-3.1-24b": ModelConfig(name="mistral-small-3.1-24b", text=_TEXT_24B, vision=_PIXTRAL_24B),
+    "mistral-small-3.2-24b": ModelConfig(name="mistral-small-3.2-24b", text=_TEXT_24B, vision=_PIXTRAL_24B),
+    "magistral-small-2506": ModelConfig(name="magistral-small-2506", text=_TEXT_24B, reasoning="think_tags"),
+    "magistral-small-2507": ModelConfig(name="magistral-small-2507", text=_TEXT_24B, reasoning="think_tokens"),
+    "magistral-small-2509": ModelConfig(
+        name="magistral-small-2509", text=_TEXT_24B, vision=_PIXTRAL_24B, reasoning="think_tokens"
+    ),
+    # Tiny shapes for tests and the demo. head_dim differs from dim / n_heads on purpose, as in 24B.
+    "tiny": ModelConfig(
+        name="tiny",
+        text=TextConfig(
+            vocab_size=256,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=32,
+            hidden_dim=192,
+            max_position_embeddings=4096,
+        ),
+        reasoning="think_tokens",
+        param_dtype="float32",
+        dtype="float32",
+        remat="none",
+    ),
+    "tiny-vision": ModelConfig(
+        name="tiny-vision",
+        text=TextConfig(
+            vocab_size=256,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=32,
+            hidden_dim=192,
+            max_position_embeddings=4096,
+        ),
+        vision=VisionConfig(hidden_size=32, n_layers=2, n_heads=2, head_dim=16, intermediate_size=64, image_size=112),
+        reasoning="think_tokens",
+        param_dtype="float32",
+        dtype="float32",
+        remat="none",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The preset called `name`; an unknown name raises `ConfigError` listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"preset: unknown preset {name!r}.{hint} Known presets: {', '.join(PRESETS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+
+
+def _get(d: dict[str, Any], key: str, where: str, default: Any = ...) -> Any:
+    if key in d and d[key] is not None:
+        return d[key]
+    if default is ...:
+        raise ConfigError(f"{where}{key}: required field is missing")
+    return default
+
+
+def _rope_theta(d: dict[str, Any], where: str, plain_type: str, default: float | None = None) -> float:
+    # transformers 5.x: rope_parameters = {"rope_theta": ..., "rope_type": ...}; 4.x: rope_theta.
+    params = d.get("rope_parameters") or d.get("rope_scaling")
+    if params is not None:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ("default", plain_type):
+            raise ConfigError(
+                f"{where}rope_parameters.rope_type: {rope_type!r} is not supported; "
+                f"expected {plain_type!r} (no scaling)"
+            )
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+    if d.get("rope_theta") is not None:
+        return float(d["rope_theta"])
+    if default is None:
+        raise ConfigError(f"{where}rope_theta: required field is missing (nor rope_parameters.rope_theta)")
+    return default
+
+
+def _hf_text(d: dict[str, Any], where: str) -> TextConfig:
+    if d.get("sliding_window") is not None:
+        raise ConfigError(
+            f"{where}sliding_window: {d['sliding_window']} is not supported; Mistral Small and Magistral "
+            "use full attention on every layer (null)"
+        )
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{where}hidden_act: {act!r}; the decoder's SwiGLU uses 'silu'")
+    if d.get("tie_word_embeddings", False):
+        raise ConfigError(f"{where}tie_word_embeddings: true; Mistral Small and Magistral have an untied output head")
+    dim = int(_get(d, "hidden_size", where))
+    n_heads = int(_get(d, "num_attention_heads", where))
+    return TextConfig(
+        vocab_size=int(_get(d, "vocab_size", where)),
+        dim=dim,
+        n_layers=int(_get(d, "num_hidden_layers", where)),
+        n_heads=n_heads,
+        n_kv_heads=int(_get(d, "num_key_value_heads", where, n_heads)),
+        head_dim=int(_get(d, "head_dim", where, dim // n_heads)),
+        hidden_dim=int(_get(d, "intermediate_size", where)),
+        norm_eps=float(_get(d, "rms_norm_eps", where)),
+        rope_theta=_rope_theta(d, where, "default"),
+        max_position_embeddings=int(_get(d, "max_position_embeddings", where, 131072)),
+    )
+
+
+def _hf_vision(top: dict[str, Any], d: dict[str, Any], text_eps: float) -> VisionConfig:
+    where = "vision_config."
+    act = d.get("hidden_act", "gelu")
+    if act != "silu":
+        raise ConfigError(
+            f"{where}hidden_act: {act!r}; the Pixtral encoder of Mistral Small uses a SiLU-gated FFN ('silu')"
+        )
+    proj_act = top.get("projector_hidden_act", "gelu")
+    if proj_act != "gelu":
+        raise ConfigError(f"projector_hidden_act: {proj_act!r}; the patch-merger projector uses exact 'gelu'")
+    if top.get("multimodal_projector_bias", False):
+        raise ConfigError("multimodal_projector_bias: true; the projector of Mistral Small has no biases")
+    layer = top.get("vision_feature_layer", -1)
+    if layer != -1:
+        raise ConfigError(f"vision_feature_layer: {layer}; only -1 (the last layer) is supported")
+    hidden = int(_get(d, "hidden_size", where))
+    heads = int(_get(d, "num_attention_heads", where))
+    return VisionConfig(
+        hidden_size=hidden,
+        n_layers=int(_get(d, "num_hidden_layers", where)),
+        n_heads=heads,
+        head_dim=int(_get(d, "head_dim", where, hidden // heads)),
+        intermediate_size=int(_get(d, "intermediate_size", where)),
+        patch_size=int(_get(d, "patch_size", where)),
+        image_size=int(_get(d, "image_size", where)),
+        num_channels=int(_get(d, "num_channels", where, 3)),
+        rope_theta=_rope_theta(d, where, "axial", default=1e4),
+        # HF's projector norm uses the text eps; the tower's own norms hard-code 1e-5.
+        norm_eps=text_eps,
+        spatial_merge_size=int(_get(top, "spatial_merge_size", "", 2)),
+        image_token_id=int(_get(top, "image_token_index", "", 10)),
+    )
+
+
+def _checkpoint_dtype(d: dict[str, Any]) -> str:
+    # transformers 5.x writes `dtype`, 4.x `torch_dtype`.
+    name = d.get("dtype") or d.get("torch_dtype") or "bfloat16"
+    return canonical_dtype(name, "dtype")
+
+
+def from_hf_config(d: dict[str, Any], name: str = "hf") -> ModelConfig:
+    """Reads a Hugging Face `config.json` dict (Mistral or Mistral3, transformers 4.x or 5.x).
+
+    For `mistral3` the decoder comes from `text_config`; its `tie_word_embeddings` decides, never
+    the top-level one, which `Mistral3Config` defaults to true although the checkpoints are untied.
+    """
+    model_type = d.get("model_type")
+    if model_type == "mistral3" or "text_config" in d:
+        text_d = d.get("text_config")
+        if not isinstance(text_d, dict):
+            raise ConfigError("text_config: required for a mistral3 config")
+        text = _hf_text(text_d, "text_config.")
+        vision_d = d.get("vision_config")
+        vision = _hf_vision(d, vision_d, text.norm_eps) if vision_d else None
+        dtype = _checkpoint_dtype(text_d) if ("dtype" in text_d or "torch_dtype" in text_d) else _checkpoint_dtype(d)
+    elif model_type in ("mistral", None):
+        text = _hf_text(d, "")
+        vision = None
+        dtype = _checkpoint_dtype(d)
+    else:
+        raise ConfigError(f"model_type: {model_type!r} is not supported; expected 'mistral' or 'mistral3'")
+    return ModelConfig(name=name, text=text, vision=vision, param_dtype=dtype)
+
+
+def from_mistral_params(d: dict[str, Any], name: str = "mistral") -> ModelConfig:
+    """Reads a Mistral `params.json` dict (mistral-inference `TransformerArgs`)."""
+    if d.get("moe"):
+        raise ConfigError("moe: mixture-of-experts checkpoints are not supported")
+    if d.get("sliding_window") is not None:
+        raise ConfigError(f"sliding_window: {d['sliding_window']} is not supported (full attention only)")
+    if d.get("tied_embeddings", False):
+        raise ConfigError("tied_embeddings: true; Mistral Small and Magistral have an untied output head")
+    act = d.get("activation", "silu")
+    if act != "silu":
+        raise ConfigError(f"activation: {act!r}; the decoder's SwiGLU uses 'silu'")
+    dim = int(_get(d, "dim", ""))
+    n_heads = int(_get(d, "n_heads", ""))
+    text = TextConfig(
+        vocab_size=int(_get(d, "vocab_size", "")),
+        dim=dim,
+        n_layers=int(_get(d, "n_layers", "")),
+        n_heads=n_heads,
+        n_kv_heads=int(_get(d, "n_kv_heads", "", n_heads)),
+        head_dim=int(_get(d, "head_dim", "", dim // n_heads)),
+        hidden_dim=int(_get(d, "hidden_dim", "")),
+        norm_eps=float(_get(d, "norm_eps", "")),
+        # mistral-inference silently falls back to 1e6; a missing theta is an error here.
+        rope_theta=float(_get(d, "rope_theta", "")),
+        max_position_embeddings=int(d.get("max_seq_len") or d.get("max_position_embeddings") or 131072),
+    )
+    vision = None
+    v = d.get("vision_encoder")
+    if v:
+        where = "vision_encoder."
+        if v.get("mm_projector_id", "patch_merge") != "patch_merge":
+            raise ConfigError(f"{where}mm_projector_id: {v['mm_projector_id']!r}; expected 'patch_merge'")
+        if not v.get("add_pre_mm_projector_layer_norm", True):
+            raise ConfigError(f"{where}add_pre_mm_projector_layer_norm: false is not supported")
+        if v.get("adapter_bias", False):
+            raise ConfigError(f"{where}adapter_bias: true; the projector of Mistral Small has no biases")
+        hidden = int(_get(v, "hidden_size", where))
+        heads = int(_get(v, "num_attention_heads", where))
+        vision = VisionConfig(
+            hidden_size=hidden,
+            n_layers=int(_get(v, "num_hidden_layers", where)),
+            n_heads=heads,
+            head_dim=int(_get(v, "head_dim", where, hidden // heads)),
+            intermediate_size=int(_get(v, "intermediate_size", where)),
+            patch_size=int(_get(v, "patch_size", where)),
+            image_size=int(v.get("max_image_size") or _get(v, "image_size", where)),
+            num_channels=int(_get(v, "num_channels", where, 3)),
+            rope_theta=float(_get(v, "rope_theta", where, 1e4)),
+            spatial_merge_size=int(_get(v, "spatial_merge_size", where, 2)),
+            image_token_id=int(_get(v, "image_token_id", where, 10)),
+            image_break_token_id=int(_get(v, "image_break_token_id", where, 12)),
+            image_end_token_id=int(_get(v, "image_end_token_id", where, 13)),
+        )
+    return ModelConfig(name=name, text=text, vision=vision)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key in ("text", "vision"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_yaml_config(path: str) -> ModelConfig:
+    import yaml
+
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(d, dict) or "preset" not in d:
+        raise ConfigError(f"{path}: preset: required field is missing (a YAML model config names its preset)")
+    changes = _flatten({k: v for k, v in d.items() if k != "preset"})
+    if "rules" in changes:
+        changes["rules"] = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in changes["rules"])
+    try:
+        return get_preset(str(d["preset"])).replace(**changes)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _scalar(text: str) -> Any:
+    if text in ("null", "none", "None"):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def apply_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
+    """Applies `key=value` strings; values are read as int, float, true/false, null or text."""
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: KEY=VALUE expected (e.g. text.n_layers=2)")
+        changes[key.strip()] = _scalar(value.strip())
+    return cfg.replace(**changes)
+
+
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """Reads a model config: `config.json` (HF), `params.json` (Mistral) or a YAML model config,
+    from a file or a checkpoint directory."""
+    path = os.fspath(path)
+    if path.endswith((".yaml", ".yml")):
+        return _read_yaml_config(path)
+    if os.path.isdir(path):
+        for fname in ("config.json", "params.json"):
+            if os.path.exists(os.path.join(path, fname)):
+                return read_config(os.path.join(path, fname))
+        raise ConfigError(f"{path}: neither config.json (Hugging Face) nor params.json (Mistral) found")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a JSON object is expected")
+    label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    if os.path.basename(path) == "params.json" or "n_layers" in d:
+        return from_mistral_params(d, name=label)
+    return from_hf_config(d, name=label)

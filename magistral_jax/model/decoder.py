@@ -1,0 +1,274 @@
+"""The Mistral Small / Magistral text decoder: parameters, KV cache and forward.
+
+Dimension letters: B batch, T tokens in this call, S cache slots, L layers, D model dim,
+N query heads, G kv heads, K head dim, F FFN hidden dim, V vocabulary.
+
+Layout: weights are stacked on a leading `layers` axis and the layers run under `lax.scan`.
+Attention projections keep heads as their own axis (`wq: [L, D, N, K]`); q/k use the
+"rotate_half" RoPE layout of Hugging Face checkpoints (see `layers.apply_rope`).
+
+Numerics: parameters are stored in `cfg.param_dtype` and cast to `cfg.dtype` for compute;
+norms' statistics, RoPE, softmax and the logits are float32.
+
+One forward serves training, scoring, prefill and decode:
+- without a cache, tokens attend causally within their segment (`segment_ids`, 0 = padding,
+  distinct ids for packed documents; positions restart at each segment by default);
+- with a `KVCache`, each row's new tokens are written at that row's `lengths` offset and attend to
+  everything the row cached before. Within a row, valid tokens must come first (right padding);
+  the row's length grows by its number of valid tokens, so a later call overwrites the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from magistral_jax.config import ModelConfig, TextConfig
+from magistral_jax.model import params as P
+from magistral_jax.model.attention import attention
+from magistral_jax.model.layers import apply_rope, rms_norm, segment_positions, text_rope_angles
+from magistral_jax.sharding import constrain
+
+# checkpoint_name tags of the projections, used by the remat policies.
+_QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+_MATMUL_NAMES = (*_QKV_NAMES, "attention_out", "mlp_gate", "mlp_up", "mlp_down")
+
+
+def param_specs(cfg: TextConfig) -> P.ParamTree:
+    """The decoder's parameter declarations."""
+    L, D, N, G, K, F, V = (
+        cfg.n_layers,
+        cfg.dim,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.hidden_dim,
+        cfg.vocab_size,
+    )
+    return {
+        "embed": P.ParamSpec((V, D), ("vocab", "embed"), P.normal(1.0)),
+        "layers": {
+            "attention_norm": P.ParamSpec((L, D), ("layers", "norm"), P.ones),
+            "wq": P.ParamSpec((L, D, N, K), ("layers", "embed", "q_heads", "head_dim"), P.fan_in(D)),
+            "wk": P.ParamSpec((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), P.fan_in(D)),
+            "wv": P.ParamSpec((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), P.fan_in(D)),
+            "wo": P.ParamSpec((L, N, K, D), ("layers", "q_heads", "head_dim", "embed"), P.fan_in(N, K)),
+            "ffn_norm": P.ParamSpec((L, D), ("layers", "norm"), P.ones),
+            "w1": P.ParamSpec((L, D, F), ("layers", "embed", "mlp"), P.fan_in(D)),
+            "w3": P.ParamSpec((L, D, F), ("layers", "embed", "mlp"), P.fan_in(D)),
+            "w2": P.ParamSpec((L, F, D), ("layers", "mlp", "embed"), P.fan_in(F)),
+        },
+        "norm": P.ParamSpec((D,), ("norm",), P.ones),
+        "lm_head": P.ParamSpec((D, V), ("embed", "vocab"), P.fan_in(D)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache
+# ------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, with the position each slot holds.
+
+    Attributes:
+      k, v: [L, B, S, G, K] in the compute dtype.
+      positions: [B, S] int32, the token position cached in each slot, -1 for an empty slot.
+      lengths: [B] int32, the number of slots written in each row (the next write offset).
+    """
+
+    k: Float[Array, "L B S G K"]
+    v: Float[Array, "L B S G K"]
+    positions: Int[Array, "B S"]
+    lengths: Int[Array, " B"]
+
+    @staticmethod
+    def logical_axes() -> KVCache:
+        kv = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+        return KVCache(k=kv, v=kv, positions=("batch", "cache_seq"), lengths=("batch",))  # type: ignore[arg-type]
+
+    @staticmethod
+    def shapes(cfg: TextConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
+        kv = jax.ShapeDtypeStruct((cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(dtype))
+        return KVCache(
+            k=kv,
+            v=kv,
+            positions=jax.ShapeDtypeStruct((batch, max_len), jnp.int32),
+            lengths=jax.ShapeDtypeStruct((batch,), jnp.int32),
+        )
+
+    @staticmethod
+    def init(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+        """An empty cache for `batch` rows of `max_len` slots (in the context mesh's sharding)."""
+        shapes = KVCache.shapes(cfg.text, batch, max_len, cfg.dtype)
+        cache = KVCache(
+            k=jnp.zeros(shapes.k.shape, shapes.k.dtype),
+            v=jnp.zeros(shapes.v.shape, shapes.v.dtype),
+            positions=jnp.full((batch, max_len), -1, jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+        return jax.tree.map(
+            lambda x, axes: constrain(x, axes, cfg.rules),
+            cache,
+            KVCache.logical_axes(),
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+
+
+def _write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Writes new[b] into buffer[b] at slot starts[b] along axis 1 (per-row offsets)."""
+    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=0))(buffer, new, starts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+
+def embed(params: P.ParamTree, tokens: Int[Array, "B T"], cfg: ModelConfig) -> Float[Array, "B T D"]:
+    """Token embeddings in the compute dtype."""
+    with jax.named_scope("embed"):
+        # Gathering rows from a table sharded over its model dim would leave activations sharded
+        # over `embed`; gathering the table over that dim first makes the lookup local per vocab
+        # shard (one all-reduce over `vocab`) and the batch constraint a plain slice.
+        table = constrain(params["embed"].astype(cfg.dtype), ("vocab", None), cfg.rules)
+        x = jnp.take(table, tokens, axis=0)
+        return constrain(x, ("batch", "act_seq", "act_embed"), cfg.rules)
+
+
+def unembed(params: P.ParamTree, x: Float[Array, "B T D"], cfg: ModelConfig) -> Float[Array, "B T V"]:
+    """Final norm and output head; float32 logits."""
+    with jax.named_scope("unembed"):
+        h = rms_norm(x, params["norm"], cfg.text.norm_eps)
+        logits = jnp.einsum("btd,dv->btv", h, params["lm_head"].astype(cfg.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "act_seq", "act_vocab"), cfg.rules)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "save_matmuls": jax.checkpoint_policies.save_only_these_names(*_MATMUL_NAMES),
+        "save_qkv": jax.checkpoint_policies.save_only_these_names(*_QKV_NAMES),
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def _attention_block(x, lp, angles, attend, cfg: ModelConfig):
+    rules = cfg.rules
+    with jax.named_scope("attention"):
+        h = rms_norm(x, lp["attention_norm"], cfg.text.norm_eps)
+        q = checkpoint_name(jnp.einsum("btd,dnk->btnk", h, lp["wq"]), "query_proj")
+        k = checkpoint_name(jnp.einsum("btd,dgk->btgk", h, lp["wk"]), "key_proj")
+        v = checkpoint_name(jnp.einsum("btd,dgk->btgk", h, lp["wv"]), "value_proj")
+        q = constrain(apply_rope(q, angles), ("batch", "act_seq", "act_heads", None), rules)
+        k = constrain(apply_rope(k, angles), ("batch", "act_seq", "act_kv_heads", None), rules)
+        v = constrain(v, ("batch", "act_seq", "act_kv_heads", None), rules)
+        out, k_all, v_all = attend(q, k, v)
+        out = checkpoint_name(jnp.einsum("btnk,nkd->btd", out, lp["wo"]), "attention_out")
+        return x + constrain(out, ("batch", "act_seq", "act_embed"), rules), (k_all, v_all)
+
+
+def _mlp_block(x, lp, cfg: ModelConfig):
+    rules = cfg.rules
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lp["ffn_norm"], cfg.text.norm_eps)
+        gate = checkpoint_name(jnp.einsum("btd,df->btf", h, lp["w1"]), "mlp_gate")
+        up = checkpoint_name(jnp.einsum("btd,df->btf", h, lp["w3"]), "mlp_up")
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"), rules)
+        out = checkpoint_name(jnp.einsum("btf,fd->btd", hidden, lp["w2"]), "mlp_down")
+        return x + constrain(out, ("batch", "act_seq", "act_embed"), rules)
+
+
+def decode_layers(
+    params: P.ParamTree,
+    x: Float[Array, "B T D"],
+    cfg: ModelConfig,
+    *,
+    positions: Int[Array, "B T"],
+    segment_ids: Int[Array, "B T"],
+    cache: KVCache | None = None,
+) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    """Runs the stacked decoder layers over embeddings `x` (the vision merge feeds this too)."""
+    tc = cfg.text
+    angles = text_rope_angles(positions, tc.head_dim, tc.rope_theta)
+    attend_kw = dict(causal=True, impl=cfg.attention, block=cfg.attention_block)
+
+    if cache is None:
+        kv_positions, kv_segments = positions, segment_ids
+    else:
+        valid = segment_ids != 0
+        kv_positions = _write_rows(cache.positions, jnp.where(valid, positions, -1), cache.lengths)
+        kv_segments = (kv_positions >= 0).astype(jnp.int32)
+        segment_ids = valid.astype(jnp.int32)
+
+    def layer(x, scanned):
+        lp, cache_k, cache_v = scanned
+        lp = jax.tree.map(lambda w: w.astype(cfg.dtype), lp)
+
+        def attend(q, k, v):
+            if cache is not None:
+                k = _write_rows(cache_k, k.astype(cache_k.dtype), cache.lengths)
+                v = _write_rows(cache_v, v.astype(cache_v.dtype), cache.lengths)
+            out = attention(
+                q,
+                k,
+                v,
+                q_positions=positions,
+                q_segments=segment_ids,
+                kv_positions=kv_positions,
+                kv_segments=kv_segments,
+                **attend_kw,
+            )
+            return out, k, v
+
+        x, kv = _attention_block(x, lp, angles, attend, cfg)
+        x = _mlp_block(x, lp, cfg)
+        return x, (kv if cache is not None else None)
+
+    layer = _remat(layer, cfg.remat)
+    xs = (params["layers"], None, None) if cache is None else (params["layers"], cache.k, cache.v)
+    with jax.named_scope("layers"):
+        x, kv = jax.lax.scan(layer, x, xs)
+    if cache is None:
+        return x, None
+    new_k, new_v = kv
+    lengths = cache.lengths + jnp.sum(segment_ids, axis=1, dtype=jnp.int32)
+    return x, KVCache(k=new_k, v=new_v, positions=kv_positions, lengths=lengths)
+
+
+def forward(
+    params: P.ParamTree,
+    tokens: Int[Array, "B T"],
+    cfg: ModelConfig,
+    *,
+    positions: Int[Array, "B T"] | None = None,
+    segment_ids: Int[Array, "B T"] | None = None,
+    cache: KVCache | None = None,
+) -> tuple[Float[Array, "B T V"], KVCache | None]:
+    """Logits (float32) of every token, and the updated cache when one is given.
+
+    Args:
+      tokens: token ids.
+      positions: RoPE positions; by default each segment counts from 0, continuing from the row's
+        cached length when a cache is given.
+      segment_ids: 0 for padding, equal ids for tokens of one document; default all ones.
+      cache: a `KVCache` to read and extend (prefill and decode), or None.
+    """
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+        if cache is not None:
+            positions = positions + cache.lengths[:, None]
+    x = embed(params, tokens, cfg)
+    x, cache = decode_layers(params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache)
+    return unembed(params, x, cfg), cache

@@ -1,0 +1,158 @@
+"""The device mesh and the logical-axis sharding rules.
+
+Every weight and activation carries logical axis names (`batch`, `embed`, `q_heads`, ...). A rules
+table maps each logical name to zero, one or several mesh axes of the one mesh with axes
+`data`, `fsdp` and `tensor`. Changing the parallelism of a run is a change of mesh shape and rules,
+never of model code.
+
+Conventions:
+- A mesh axis may appear at most once in one array's sharding; a rules table that would do so for
+  some array is refused when the spec is built.
+- A dimension whose size is not divisible by its mesh axes keeps the longest prefix of those axes
+  whose product divides it (a tiny vocabulary of 101 tokens stays replicated over `tensor`).
+- Activation constraints read the mesh of the surrounding `jax.set_mesh` context; outside of
+  one (a single device, no mesh) they are no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+DEFAULT_RULES: Rules = (
+    # weights
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # KV cache
+    ("cache_seq", None),
+)
+
+
+def validate_rules(rules: Rules) -> None:
+    """Refuses a rules table with duplicate logical names or unknown mesh axes."""
+    seen: set[str] = set()
+    for entry in rules:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ValueError(f"rules: each entry must be (logical_name, mesh_axes), got {entry!r}")
+        name, axes = entry
+        if name in seen:
+            raise ValueError(f"rules: logical axis {name!r} appears twice")
+        seen.add(name)
+        for axis in _as_tuple(axes):
+            if axis not in MESH_AXES:
+                raise ValueError(f"rules: {name!r} maps to unknown mesh axis {axis!r}; mesh axes are {MESH_AXES}")
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    if isinstance(axes, str):
+        return (axes,)
+    return tuple(axes)
+
+
+def logical_to_spec(
+    logical: Sequence[str | None],
+    rules: Rules,
+    shape: Sequence[int] | None = None,
+    mesh_shape: dict[str, int] | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec.
+
+    With `shape` and `mesh_shape`, mesh axes of size 1 are dropped and each dimension keeps the
+    longest prefix of its mesh axes whose product divides the dimension.
+    """
+    table = dict(rules)
+    used: dict[str, str] = {}
+    spec: list[MeshAxes] = []
+    for i, name in enumerate(logical):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        axes = _as_tuple(table[name])
+        for axis in axes:
+            if axis in used:
+                raise ValueError(
+                    f"mesh axis {axis!r} would shard both {used[axis]!r} and {name!r} of one array "
+                    f"with logical axes {tuple(logical)}"
+                )
+            used[axis] = name
+        if mesh_shape is not None:
+            axes = tuple(a for a in axes if mesh_shape[a] > 1)
+            if shape is not None:
+                kept: list[str] = []
+                for axis in axes:
+                    if shape[i] % (math.prod(mesh_shape[a] for a in kept) * mesh_shape[axis]):
+                        break
+                    kept.append(axis)
+                axes = tuple(kept)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(mesh: Mesh, logical: Sequence[str | None], rules: Rules, shape: Sequence[int]) -> NamedSharding:
+    """The NamedSharding of an array with `shape` and logical axes `logical` on `mesh`."""
+    return NamedSharding(mesh, logical_to_spec(logical, rules, shape, dict(mesh.shape)))
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], rules: Rules) -> jax.Array:
+    """Sharding constraint on an activation from its logical axes, against the context mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(logical, rules, x.shape, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor); one axis may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {sizes}")
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ValueError(f"mesh.{k}: a positive size or -1 is expected, got {v}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh: {len(devices)} devices cannot be split as {sizes}")
+        sizes[free[0]] = len(devices) // fixed
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        if total > len(devices):
+            raise ValueError(f"mesh: {sizes} needs {total} devices, {len(devices)} available")
+        devices = devices[:total]
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def host_array_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Places a host array that every process holds in full onto `sharding`."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -1,0 +1,117 @@
+"""The HF safetensors reader: layouts, transforms and the errors a bad checkpoint gives."""
+
+import json
+import os
+import re
+
+import hf_reference as R
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import magistral_jax as mj
+from magistral_jax.checkpoint.hf import CheckpointError, detect_layout, to_canonical, torch_shape
+
+KW = dict(vocab=97, dim=32, layers=2, heads=4, kv_heads=2, head_dim=8, hidden=48)
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    R.causal_lm(seed=0, **KW).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit(directory, fn):
+    path = os.path.join(directory, "model.safetensors")
+    tensors = fn(load_file(path))
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_linear_transform_is_transpose_then_split_heads():
+    # q_proj [N*K, D] -> wq [D, N, K]: row n*K + k of the torch weight is head n, dim k.
+    w = np.arange(6 * 4).reshape(6, 4)  # N=3 heads, K=2, D=4
+    wq = to_canonical(w, "linear", (4, 3, 2))
+    assert wq[1, 2, 0] == w[2 * 2 + 0, 1]
+    # o_proj [D, N*K] -> wo [N, K, D]
+    wo = to_canonical(w.T, "linear", (3, 2, 4))
+    assert wo[2, 1, 3] == w.T[3, 2 * 2 + 1]
+    assert torch_shape("wq", "linear", (4, 3, 2)) == (6, 4)
+    assert torch_shape("wo", "linear", (3, 2, 4)) == (4, 6)
+
+
+def test_layout_detection():
+    assert detect_layout({"language_model.model.embed_tokens.weight"}).name == "hf-legacy"
+    assert detect_layout({"model.language_model.embed_tokens.weight"}).name == "hf-new"
+    assert detect_layout({"model.embed_tokens.weight"}).name == "hf-text"
+    with pytest.raises(CheckpointError, match="no decoder embedding"):
+        detect_layout({"tok_embeddings.weight"})
+
+
+def test_missing_tensor_is_named(checkpoint):
+    _edit(checkpoint, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: missing"):
+        mj.load_model(checkpoint)
+
+
+def test_wrong_shape_names_tensor_expected_got_and_file(checkpoint):
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+        return t
+
+    _edit(checkpoint, shrink)
+    message = "model.layers.0.self_attn.k_proj.weight: shape (16, 32) expected, (8, 32) in model.safetensors"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        mj.load_model(checkpoint)
+
+
+def test_unexpected_tensor_is_named(checkpoint):
+    def add(t):
+        t["model.layers.2.input_layernorm.weight"] = np.ones(32, np.float32)
+        return t
+
+    _edit(checkpoint, add)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.input_layernorm\.weight: unexpected tensor"):
+        mj.load_model(checkpoint)
+
+
+def test_config_that_contradicts_the_weights(checkpoint):
+    cfg_path = checkpoint / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["intermediate_size"] = 50
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"gate_proj\.weight: shape \(50, 32\) expected, \(48, 32\)"):
+        mj.load_model(checkpoint)
+
+
+def test_corrupted_header(checkpoint):
+    path = checkpoint / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read the safetensors header"):
+        mj.load_model(checkpoint)
+
+
+def test_index_listing_a_missing_shard(checkpoint):
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=r"model-00002-of-00002\.safetensors: listed in model\.safetensors\.index\.json"
+    ):
+        mj.load_model(checkpoint)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        mj.load_model(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        mj.load_model(tmp_path / "absent")
+
+
+def test_loads_onto_a_mesh_in_the_declared_shardings(checkpoint):
+    mesh = mj.make_mesh(data=1, fsdp=2, tensor=2)
+    model = mj.load_model(checkpoint, mesh=mesh, dtype="float32")
+    wq = model.params["layers"]["wq"]  # [L, D, N, K]: embed over fsdp, heads over tensor
+    assert tuple(wq.sharding.spec)[:3] == (None, "fsdp", "tensor")
+    assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
+    # The odd vocabulary (97) cannot be split over tensor=2 and stays replicated on that axis.
+    assert model.params["embed"].addressable_shards[0].data.shape == (97, 16)
