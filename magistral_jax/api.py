@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from magistral_jax.config import ModelConfig, canonical_dtype, read_config
-from magistral_jax.model import decoder
+from magistral_jax.config import ModelConfig, canonical_dtype
+from magistral_jax.model import decoder, param_specs
 from magistral_jax.model import params as P
 from magistral_jax.sharding import host_array_to_global, logical_sharding
 
@@ -95,31 +95,34 @@ def init_model(cfg: ModelConfig, key: jax.Array | int = 0, mesh: Mesh | None = N
     """A model with random parameters, initialised directly in their shardings on `mesh`."""
     cfg = _with_dtype(cfg, dtype)
     key = jax.random.key(key) if isinstance(key, int) else key
-    specs = decoder.param_specs(cfg.text)
-    return Model(cfg, P.init(specs, key, cfg.param_dtype, mesh, cfg.rules), mesh)
+    return Model(cfg, P.init(param_specs(cfg), key, cfg.param_dtype, mesh, cfg.rules), mesh)
 
 
 def load_model(
-    path: str | os.PathLike[str], mesh: Mesh | None = None, dtype: str | None = "bfloat16", progress: bool = False
+    path: str | os.PathLike[str],
+    mesh: Mesh | None = None,
+    dtype: str | None = "bfloat16",
+    *,
+    layout: str | None = None,
+    progress: bool = False,
 ) -> Model:
-    """Loads a checkpoint directory: Hugging Face (`config.json` + safetensors, with or without index).
+    """Loads a checkpoint directory of any supported format.
+
+    Formats: Hugging Face (`config.json` + safetensors, one file or shards with an index; text-only
+    or Mistral3 in either key layout), Mistral (`params.json` + `consolidated.safetensors`), and
+    this project's Orbax conversions (`magistral_config.json` + `params/`). Vision weights, where
+    present, are loaded too (under `params["vision"]` and `params["projector"]`).
 
     Args:
       path: the checkpoint directory.
       mesh: where to place the parameters (sharded by the config's rules); default device if None.
       dtype: parameter and compute dtype (`bfloat16`, `float32`, ...); None keeps the
         checkpoint's own dtype for the parameters and computes in bfloat16.
+      layout: force the format or layout (`orbax`, `mistral`, `hf-legacy`, `hf-new`, `hf-text`).
       progress: show a progress bar.
     """
-    from magistral_jax.checkpoint import hf
+    from magistral_jax.checkpoint.reader import load_params, open_checkpoint
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a directory")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise hf.CheckpointError(
-            f"{path}: no config.json; load_model reads Hugging Face checkpoint directories "
-            "(config.json + *.safetensors)"
-        )
-    cfg = _with_dtype(read_config(path), dtype)
-    return Model(cfg, hf.load_text_params(path, cfg, mesh, progress=progress), mesh)
+    ckpt = open_checkpoint(path, layout)
+    cfg = _with_dtype(ckpt.cfg, dtype)
+    return Model(cfg, load_params(ckpt, cfg, mesh, progress=progress), mesh)

@@ -522,17 +522,140 @@ def apply_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
     return cfg.replace(**changes)
 
 
-def read_config(path: str | os.PathLike[str]) -> ModelConfig:
-    """Reads a model config: `config.json` (HF), `params.json` (Mistral) or a YAML model config,
-    from a file or a checkpoint directory."""
-    path = os.fspath(path)
-    if path.endswith((".yaml", ".yml")):
-        return _read_yaml_config(path)
-    if os.path.isdir(path):
-        for fname in ("config.json", "params.json"):
-            if os.path.exists(os.path.join(path, fname)):
-                return read_config(os.path.join(path, fname))
-        raise ConfigError(f"{path}: neither config.json (Hugging Face) nor params.json (Mistral) found")
+# --------------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------------
+
+MAGISTRAL_CONFIG = "magistral_config.json"
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A `config.json` that transformers loads: `MistralForCausalLM` for a text-only model,
+    `Mistral3ForConditionalGeneration` with vision. Both the 4.x (`rope_theta`, `torch_dtype`)
+    and the 5.x (`dtype`) spellings are written; the top-level `tie_word_embeddings` is false."""
+    t = cfg.text
+    text = {
+        "model_type": "mistral",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.dim,
+        "num_hidden_layers": t.n_layers,
+        "num_attention_heads": t.n_heads,
+        "num_key_value_heads": t.n_kv_heads,
+        "head_dim": t.head_dim,
+        "intermediate_size": t.hidden_dim,
+        "rms_norm_eps": t.norm_eps,
+        "rope_theta": t.rope_theta,
+        "max_position_embeddings": t.max_position_embeddings,
+        "sliding_window": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    dtypes = {"torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype}
+    if cfg.vision is None:
+        return {"architectures": ["MistralForCausalLM"], **text, **dtypes}
+    v = cfg.vision
+    vision = {
+        "model_type": "pixtral",
+        "hidden_size": v.hidden_size,
+        "num_hidden_layers": v.n_layers,
+        "num_attention_heads": v.n_heads,
+        "head_dim": v.head_dim,
+        "intermediate_size": v.intermediate_size,
+        "patch_size": v.patch_size,
+        "image_size": v.image_size,
+        "num_channels": v.num_channels,
+        "rope_theta": v.rope_theta,
+        "hidden_act": "silu",
+    }
+    return {
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "model_type": "mistral3",
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_index": v.image_token_id,
+        "spatial_merge_size": v.spatial_merge_size,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": False,
+        "vision_feature_layer": -1,
+        "tie_word_embeddings": False,
+        **dtypes,
+    }
+
+
+def to_mistral_params(cfg: ModelConfig) -> dict[str, Any]:
+    """A `params.json` in mistral-inference's format."""
+    t = cfg.text
+    d: dict[str, Any] = {
+        "dim": t.dim,
+        "n_layers": t.n_layers,
+        "head_dim": t.head_dim,
+        "hidden_dim": t.hidden_dim,
+        "n_heads": t.n_heads,
+        "n_kv_heads": t.n_kv_heads,
+        "rope_theta": t.rope_theta,
+        "norm_eps": t.norm_eps,
+        "vocab_size": t.vocab_size,
+        "max_seq_len": t.max_position_embeddings,
+    }
+    if cfg.vision is not None:
+        v = cfg.vision
+        d["vision_encoder"] = {
+            "hidden_size": v.hidden_size,
+            "num_channels": v.num_channels,
+            "max_image_size": v.image_size,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "rope_theta": v.rope_theta,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.n_layers,
+            "num_attention_heads": v.n_heads,
+            "head_dim": v.head_dim,
+            "adapter_bias": False,
+            "mm_projector_id": "patch_merge",
+            "spatial_merge_size": v.spatial_merge_size,
+            "add_pre_mm_projector_layer_norm": True,
+            "image_token_id": v.image_token_id,
+            "image_break_token_id": v.image_break_token_id,
+            "image_end_token_id": v.image_end_token_id,
+        }
+    return d
+
+
+def architecture_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture part of a config (what a checkpoint needs), as plain JSON data."""
+    return {
+        "format": "magistral-jax",
+        "version": 1,
+        "name": cfg.name,
+        "reasoning": cfg.reasoning,
+        "param_dtype": cfg.param_dtype,
+        "text": dataclasses.asdict(cfg.text),
+        "vision": None if cfg.vision is None else dataclasses.asdict(cfg.vision),
+    }
+
+
+def from_architecture_dict(d: dict[str, Any]) -> ModelConfig:
+    """Inverse of `architecture_dict`."""
+    if d.get("format") != "magistral-jax":
+        raise ConfigError(f"format: {d.get('format')!r}; a magistral-jax model config is expected")
+    try:
+        text = TextConfig(**d["text"])
+        vision = VisionConfig(**d["vision"]) if d.get("vision") else None
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{MAGISTRAL_CONFIG}: {e}") from None
+    return ModelConfig(
+        name=d.get("name", "orbax"),
+        text=text,
+        vision=vision,
+        reasoning=d.get("reasoning"),
+        param_dtype=d.get("param_dtype", "bfloat16"),
+    )
+
+
+def load_json(path: str) -> dict[str, Any]:
+    """The JSON object in `path`; a `ConfigError` naming the file otherwise."""
     try:
         with open(path) as f:
             d = json.load(f)
@@ -540,7 +663,27 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a JSON object is expected")
+    return d
+
+
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """Reads a model config: `config.json` (HF), `params.json` (Mistral), `magistral_config.json`
+    (this project's checkpoints) or a YAML model config, from a file or a checkpoint directory."""
+    path = os.fspath(path)
+    if path.endswith((".yaml", ".yml")):
+        return _read_yaml_config(path)
+    if os.path.isdir(path):
+        for fname in (MAGISTRAL_CONFIG, "config.json", "params.json"):
+            if os.path.exists(os.path.join(path, fname)):
+                return read_config(os.path.join(path, fname))
+        raise ConfigError(
+            f"{path}: none of {MAGISTRAL_CONFIG} (magistral-jax), config.json (Hugging Face) or "
+            "params.json (Mistral) found"
+        )
+    d = load_json(path)
     label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    if d.get("format") == "magistral-jax":
+        return from_architecture_dict(d)
     if os.path.basename(path) == "params.json" or "n_layers" in d:
         return from_mistral_params(d, name=label)
     return from_hf_config(d, name=label)

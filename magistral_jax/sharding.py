@@ -38,6 +38,11 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_merged", "tensor"),
+    ("projector_hidden", "tensor"),
     # activations
     ("batch", ("data", "fsdp")),
     ("act_seq", None),
@@ -151,6 +156,21 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
         devices = devices[:total]
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Parses `data=2,fsdp=4,tensor=1` into `make_mesh` arguments (missing axes: data=1,
+    fsdp=-1, tensor=1)."""
+    sizes = {"data": 1, "fsdp": -1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in sizes:
+            raise ValueError(f"mesh: {part!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}")
+        try:
+            sizes[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh.{key.strip()}: {value!r} is not an integer") from None
+    return sizes
 
 
 def host_array_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

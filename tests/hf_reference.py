@@ -96,3 +96,140 @@ def padded_batch(rng: np.random.Generator, vocab: int, batch: int = 3, seq: int 
     mask[2, :3] = 0
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     return tokens, mask, positions
+
+
+# Hugging Face -> Mistral consolidated names (reference/architecture-and-checkpoints.md, section 3).
+_TEXT_NAMES = [
+    (r"embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"norm\.weight", "norm.weight"),
+    (r"layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", r"layers.\1.attention.w\2.weight"),
+    (r"layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+]
+_VISION_NAMES = [
+    (r"(patch_conv|ln_pre)\.weight", r"vision_encoder.\1.weight"),
+    (
+        r"transformer\.layers\.(\d+)\.(attention_norm|ffn_norm)\.weight",
+        r"vision_encoder.transformer.layers.\1.\2.weight",
+    ),
+    (
+        r"transformer\.layers\.(\d+)\.attention\.([qkvo])_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.attention.w\2.weight",
+    ),
+    (
+        r"transformer\.layers\.(\d+)\.feed_forward\.gate_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w1.weight",
+    ),
+    (
+        r"transformer\.layers\.(\d+)\.feed_forward\.up_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w3.weight",
+    ),
+    (
+        r"transformer\.layers\.(\d+)\.feed_forward\.down_proj\.weight",
+        r"vision_encoder.transformer.layers.\1.feed_forward.w2.weight",
+    ),
+]
+_PROJECTOR_NAMES = [
+    (r"norm\.weight", "pre_mm_projector_norm.weight"),
+    (r"patch_merger\.merging_layer\.weight", "patch_merger.merging_layer.weight"),
+    (r"linear_1\.weight", "vision_language_adapter.w_in.weight"),
+    (r"linear_2\.weight", "vision_language_adapter.w_out.weight"),
+]
+
+
+def _unpermute_for_rope(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The reference's inverse of the HF conversion's q/k permutation (HF -> Mistral):
+    t.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)."""
+    dim1, dim2 = t.shape
+    return t.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def save_mistral_consolidated(model, directory, dtype=torch.float32) -> dict:
+    """Writes `model` (MistralForCausalLM or Mistral3ForConditionalGeneration) as Mistral's
+    consolidated.safetensors + params.json, with names and the RoPE permutation written
+    independently of magistral_jax from the reference. Returns the tensors written."""
+    import json
+    import os
+    import re
+
+    from safetensors.torch import save_file as save_torch
+
+    cfg = model.config
+    text_cfg = getattr(cfg, "text_config", cfg)
+    vision_cfg = getattr(cfg, "vision_config", None)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    prefixes = [
+        ("language_model.model.", _TEXT_NAMES),
+        ("model.language_model.", _TEXT_NAMES),
+        ("model.", _TEXT_NAMES),
+        ("vision_tower.", _VISION_NAMES),
+        ("model.vision_tower.", _VISION_NAMES),
+        ("multi_modal_projector.", _PROJECTOR_NAMES),
+        ("model.multi_modal_projector.", _PROJECTOR_NAMES),
+    ]
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("lm_head.weight"):
+            out["output.weight"] = tensor
+            continue
+        for prefix, table in prefixes:
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            for pattern, target in table:
+                if re.fullmatch(pattern, rest):
+                    new = re.sub(pattern, target, rest)
+                    if new.endswith(("attention.wq.weight", "attention.wk.weight")):
+                        is_vision = new.startswith("vision_encoder.")
+                        heads = (
+                            vision_cfg.num_attention_heads
+                            if is_vision
+                            else text_cfg.num_attention_heads
+                            if "wq" in new
+                            else text_cfg.num_key_value_heads
+                        )
+                        tensor = _unpermute_for_rope(tensor, heads).contiguous()
+                    out[new] = tensor
+                    break
+            else:
+                continue
+            break
+        else:
+            raise AssertionError(f"unmapped tensor {name}")
+    save_torch(out, os.path.join(directory, "consolidated.safetensors"))
+    params = {
+        "dim": text_cfg.hidden_size,
+        "n_layers": text_cfg.num_hidden_layers,
+        "head_dim": text_cfg.head_dim,
+        "hidden_dim": text_cfg.intermediate_size,
+        "n_heads": text_cfg.num_attention_heads,
+        "n_kv_heads": text_cfg.num_key_value_heads,
+        "norm_eps": text_cfg.rms_norm_eps,
+        "vocab_size": text_cfg.vocab_size,
+        "rope_theta": text_cfg.rope_parameters["rope_theta"],
+    }
+    if vision_cfg is not None:
+        params["vision_encoder"] = {
+            "hidden_size": vision_cfg.hidden_size,
+            "num_channels": vision_cfg.num_channels,
+            "image_size": vision_cfg.image_size,
+            "max_image_size": vision_cfg.image_size,
+            "patch_size": vision_cfg.patch_size,
+            "rope_theta": vision_cfg.rope_parameters["rope_theta"],
+            "intermediate_size": vision_cfg.intermediate_size,
+            "num_hidden_layers": vision_cfg.num_hidden_layers,
+            "num_attention_heads": vision_cfg.num_attention_heads,
+            "adapter_bias": False,
+            "mm_projector_id": "patch_merge",
+            "spatial_merge_size": cfg.spatial_merge_size,
+            "add_pre_mm_projector_layer_norm": True,
+            "image_token_id": cfg.image_token_index,
+            "image_break_token_id": 12,
+            "image_end_token_id": 13,
+        }
+    with open(os.path.join(directory, "params.json"), "w") as f:
+        json.dump(params, f)
+    return out

@@ -209,7 +209,7 @@ def test_read_config_from_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(HF_4X_MISTRAL3))
     assert mj.read_config(tmp_path).vision == mj.get_preset("mistral-small-3.1-24b").vision
     (tmp_path / "bad").mkdir()
-    with pytest.raises(ConfigError, match=r"neither config\.json"):
+    with pytest.raises(ConfigError, match=r"none of magistral_config\.json"):
         mj.read_config(tmp_path / "bad")
     (tmp_path / "bad" / "config.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):

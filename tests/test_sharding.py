@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec
 import magistral_jax as mj
 from magistral_jax.model import decoder
 from magistral_jax.model import params as P
-from magistral_jax.sharding import DEFAULT_RULES, logical_to_spec, validate_rules
+from magistral_jax.sharding import DEFAULT_RULES, logical_to_spec, parse_mesh, validate_rules
 
 MESH_SIZES = {"data": 2, "fsdp": 2, "tensor": 4}
 
@@ -49,6 +49,15 @@ def test_make_mesh():
         mj.make_mesh(data=4, fsdp=4, tensor=1)
     with pytest.raises(ValueError, match="cannot be split"):
         mj.make_mesh(data=3, fsdp=-1)
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,tensor=4") == {"data": 2, "fsdp": -1, "tensor": 4}
+    assert parse_mesh("") == {"data": 1, "fsdp": -1, "tensor": 1}
+    with pytest.raises(ValueError, match="is not AXIS=SIZE"):
+        parse_mesh("model=2")
+    with pytest.raises(ValueError, match="'two' is not an integer"):
+        parse_mesh("data=two")
 
 
 def _sharding_config():

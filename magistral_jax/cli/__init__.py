@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from magistral_jax.cli import demo
+from magistral_jax.cli import bench, convert, demo
 
-_COMMANDS = (demo,)
+_COMMANDS = (demo, convert, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.run(args) or 0)
+    from magistral_jax.checkpoint import CheckpointError
+    from magistral_jax.config import ConfigError
+
+    try:
+        return int(args.run(args) or 0)
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        print(f"magistral-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

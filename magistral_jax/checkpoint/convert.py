@@ -1,0 +1,269 @@
+"""Writing checkpoints: conversion between formats and export of an in-memory model.
+
+Every writer consumes a source of canonical blocks (`reader.SafetensorsSource`,
+`reader.OrbaxSource`, or `ModelSource` for parameters in device memory) one published tensor at a
+time, in pieces:
+
+- `hf` / `mistral`: published rows are produced piece by piece and streamed into safetensors files
+  whose headers were planned in advance (HF: `model-0000k-of-0000n.safetensors` at a size limit +
+  index + `config.json`; Mistral: `consolidated.safetensors` + `params.json`);
+- `orbax`: each tensor becomes its own Orbax leaf (one per layer), assembled in its sharding on the
+  conversion mesh and saved, uncompressed, in groups of about one tensor's size; the stored chunks
+  are the conversion mesh's shards, so a mesh restores only the chunks its devices overlap.
+
+A destination is written into a temporary directory beside it and renamed at the end: a failed
+conversion leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from magistral_jax.checkpoint.layouts import LAYOUTS, CheckpointError, Index, Layout, TensorEntry, plan
+from magistral_jax.checkpoint.reader import (
+    ORBAX_PARAMS,
+    PIECE_BYTES,
+    Key,
+    _set_at,
+    assemble,
+    entry_key,
+    open_checkpoint,
+    orbax_leaf_path,
+    param_sharding,
+    row_axis,
+)
+from magistral_jax.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, split_files
+from magistral_jax.config import (
+    MAGISTRAL_CONFIG,
+    ModelConfig,
+    architecture_dict,
+    canonical_dtype,
+    to_hf_config,
+    to_mistral_params,
+)
+from magistral_jax.model import param_specs
+from magistral_jax.model import params as P
+
+FORMATS = ("orbax", "hf", "mistral")
+DEFAULT_SHARD_BYTES = 5 * 10**9
+# Tokenizer and generation files that travel with the weights.
+SIDE_FILES = (
+    "tekken.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "SYSTEM_PROMPT.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+SIDE_PREFIXES = ("tokenizer.model",)
+
+
+def output_layout(cfg: ModelConfig, to: str) -> Layout:
+    """HF exports use the layout transformers itself writes; Mistral its consolidated names."""
+    if to == "mistral":
+        return LAYOUTS["mistral"]
+    return LAYOUTS["hf-legacy" if cfg.vision is not None else "hf-text"]
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host) array on the host of every process."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+class ModelSource:
+    """Canonical blocks of parameters held in device memory."""
+
+    def __init__(self, params: P.ParamTree):
+        self.params = params
+
+    def read(self, key: Key, index: Index) -> np.ndarray:
+        path, layer = key
+        node: Any = self.params
+        for part in path:
+            node = node[part]
+        full = index if layer is None else (layer, *index)
+        return to_host(node[full])
+
+
+@contextlib.contextmanager
+def staging(dst: str) -> Iterator[str]:
+    """A temporary directory beside `dst`, renamed to `dst` on success and removed on failure."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst):
+        raise CheckpointError(f"{dst}: destination exists; remove it or choose another path")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _row_pieces(entry: TensorEntry, itemsize: int) -> Iterator[tuple[int, int]]:
+    rows = entry.torch_shape[0]
+    unit = entry.transform.row_unit(entry.shape)
+    row_bytes = math.prod(entry.torch_shape[1:]) * itemsize
+    step = max(unit, (PIECE_BYTES // max(row_bytes, 1)) // unit * unit)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _write_safetensors(source, cfg: ModelConfig, dst: str, to: str, max_shard_bytes: int | None, bar) -> None:
+    layout = output_layout(cfg, to)
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    entries = plan(cfg, layout)
+    infos = [TensorInfo(e.name, dtype, e.torch_shape) for e in entries]
+    if to == "hf":
+        files = split_files(infos, max_shard_bytes, "model")
+        writer = SafetensorsWriter(dst, files, "model.safetensors.index.json")
+    else:
+        writer = SafetensorsWriter(dst, split_files(infos, None, "consolidated"), None)
+    for e in entries:
+        for start, stop in _row_pieces(e, max(dtype.itemsize, 4)):
+            block = np.asarray(source.read(entry_key(e), e.transform.rows_index(e.shape, start, stop)), dtype)
+            writer.write(e.name, e.transform.to_torch_rows(block))
+            bar.update(block.nbytes)
+    writer.close()
+    name, content = ("config.json", to_hf_config(cfg)) if to == "hf" else ("params.json", to_mistral_params(cfg))
+    with open(os.path.join(dst, name), "w") as f:
+        json.dump(content, f, indent=2)
+
+
+def _orbax_context(largest_shard_bytes: int):
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    ctx = ocp.Context()
+    ctx.array.saving.use_compression = False
+    # Device-to-host copies for writing proceed a few shards at a time, not all at once.
+    ctx.memory.transfer_concurrent_bytes = max(4 * PIECE_BYTES, largest_shard_bytes)
+    return ctx
+
+
+def _write_orbax(source, cfg: ModelConfig, dst: str, mesh: Mesh | None, bar) -> None:
+    from orbax.checkpoint.experimental.v1 import partial
+
+    specs = param_specs(cfg)
+    dtype = jnp.dtype(cfg.param_dtype)
+    entries = plan(cfg, output_layout(cfg, "hf"))
+    sizes = [math.prod(e.shape) * dtype.itemsize for e in entries]
+    # Each partial save rereads what the previous ones wrote, so saves are grouped; a group holds
+    # about as many bytes as the largest tensor, which bounds the memory in use.
+    budget = max(max(sizes), PIECE_BYTES * 4)
+    path = os.path.join(dst, ORBAX_PARAMS)
+    group: dict = {}
+    group_bytes = 0
+    largest_shard = 0
+
+    def save() -> None:
+        with _orbax_context(largest_shard):
+            partial.save(path, group)
+
+    for e, size in zip(entries, sizes, strict=True):
+        if group and group_bytes + size > budget:
+            save()
+            group, group_bytes, largest_shard = {}, 0, 0
+        node: Any = specs
+        for part in e.path:
+            node = node[part]
+        sharding = param_sharding(node, mesh, cfg.rules, drop_layers=e.layer is not None)
+        key = entry_key(e)
+        value = assemble(e.shape, dtype, sharding, lambda index, key=key: source.read(key, index), (row_axis(e),))
+        largest_shard = max(largest_shard, math.prod(sharding.shard_shape(e.shape)) * dtype.itemsize)
+        _set_at(group, orbax_leaf_path(key), value)
+        group_bytes += size
+        bar.update(size)
+    if group:
+        save()
+    partial.finalize(path)
+    with open(os.path.join(dst, MAGISTRAL_CONFIG), "w") as f:
+        json.dump(architecture_dict(cfg), f, indent=2)
+
+
+def write_checkpoint(
+    source,
+    cfg: ModelConfig,
+    dst: str,
+    to: str,
+    *,
+    mesh: Mesh | None = None,
+    max_shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+    side_files_from: str | None = None,
+) -> None:
+    """Writes the tensors of `source` (architecture `cfg`, stored as `cfg.param_dtype`) to `dst`."""
+    if to not in FORMATS:
+        raise CheckpointError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
+    total = sum(math.prod(e.shape) for e in plan(cfg, output_layout(cfg, "hf"))) * jnp.dtype(cfg.param_dtype).itemsize
+    with staging(dst) as tmp:
+        with tqdm(total=total, desc=f"writing {to}", unit="B", unit_scale=True, disable=not progress) as bar:
+            if to == "orbax":
+                _write_orbax(source, cfg, tmp, mesh, bar)
+            else:
+                _write_safetensors(source, cfg, tmp, to, max_shard_bytes, bar)
+        if side_files_from is not None:
+            for fname in sorted(os.listdir(side_files_from)):
+                if fname in SIDE_FILES or fname.startswith(SIDE_PREFIXES):
+                    shutil.copy2(os.path.join(side_files_from, fname), os.path.join(tmp, fname))
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    to: str,
+    *,
+    dtype: str | None = None,
+    from_layout: str | None = None,
+    mesh: Mesh | None = None,
+    max_shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> None:
+    """Converts the checkpoint at `src` into format `to` (orbax, hf, mistral) at `dst`.
+
+    Args:
+      dtype: cast the weights (`bfloat16`, `float32`); None keeps them bit for bit.
+      from_layout: force the source's format or layout instead of detecting it.
+      mesh: where orbax conversion assembles each tensor (its shards become the stored chunks).
+      max_shard_bytes: size limit of each HF safetensors file.
+    """
+    ckpt = open_checkpoint(src, from_layout)
+    cfg = ckpt.cfg if dtype is None else ckpt.cfg.replace(param_dtype=canonical_dtype(dtype))
+    write_checkpoint(
+        ckpt.source(),
+        cfg,
+        os.fspath(dst),
+        to,
+        mesh=mesh,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+        side_files_from=ckpt.path,
+    )
+
+
+def save_model(model, dst: str | os.PathLike[str], to: str, *, dtype: str | None = None, **kw: Any) -> None:
+    """Exports a `Model`'s parameters to `dst` in format `to`, streaming tensor by tensor."""
+    cfg = model.cfg.replace(param_dtype=canonical_dtype(dtype)) if dtype else model.cfg
+    write_checkpoint(ModelSource(model.params), cfg, os.fspath(dst), to, mesh=model.mesh, **kw)
