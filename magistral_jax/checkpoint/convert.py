@@ -147,6 +147,7 @@ def _write_safetensors(source, cfg: ModelConfig, dst: str, to: str, max_shard_by
             block = np.asarray(source.read(entry_key(e), e.transform.rows_index(e.shape, start, stop)), dtype)
             writer.write(e.name, e.transform.to_torch_rows(block))
             bar.update(block.nbytes)
+        bar.tensor_done()
     writer.close()
     name, content = ("config.json", to_hf_config(cfg)) if to == "hf" else ("params.json", to_mistral_params(cfg))
     with open(os.path.join(dst, name), "w") as f:
@@ -196,11 +197,24 @@ def _write_orbax(source, cfg: ModelConfig, dst: str, mesh: Mesh | None, bar) -> 
         _set_at(group, orbax_leaf_path(key), value)
         group_bytes += size
         bar.update(size)
+        bar.tensor_done()
     if group:
         save()
     partial.finalize(path)
     with open(os.path.join(dst, MAGISTRAL_CONFIG), "w") as f:
         json.dump(architecture_dict(cfg), f, indent=2)
+
+
+class _Progress(tqdm):
+    """A progress bar over bytes that also counts tensors."""
+
+    def __init__(self, total_bytes: int, n_tensors: int, desc: str, enabled: bool):
+        super().__init__(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not enabled)
+        self.n_tensors, self.tensors = n_tensors, 0
+
+    def tensor_done(self) -> None:
+        self.tensors += 1
+        self.set_postfix_str(f"{self.tensors}/{self.n_tensors} tensors", refresh=False)
 
 
 def write_checkpoint(
@@ -217,9 +231,10 @@ def write_checkpoint(
     """Writes the tensors of `source` (architecture `cfg`, stored as `cfg.param_dtype`) to `dst`."""
     if to not in FORMATS:
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
-    total = sum(math.prod(e.shape) for e in plan(cfg, output_layout(cfg, "hf"))) * jnp.dtype(cfg.param_dtype).itemsize
+    entries = plan(cfg, output_layout(cfg, "hf"))
+    total = sum(math.prod(e.shape) for e in entries) * jnp.dtype(cfg.param_dtype).itemsize
     with staging(dst) as tmp:
-        with tqdm(total=total, desc=f"writing {to}", unit="B", unit_scale=True, disable=not progress) as bar:
+        with _Progress(total, len(entries), f"writing {to}", progress) as bar:
             if to == "orbax":
                 _write_orbax(source, cfg, tmp, mesh, bar)
             else:
