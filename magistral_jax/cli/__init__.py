@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from magistral_jax.cli import bench, convert, demo
+from magistral_jax.cli import bench, convert, demo, generate
 
-_COMMANDS = (demo, convert, bench)
+_COMMANDS = (demo, convert, generate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

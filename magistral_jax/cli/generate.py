@@ -1,0 +1,162 @@
+"""`magistral-jax generate`: chat with a checkpoint, streaming the thinking and the answer apart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="chat with a checkpoint, streaming the thinking and the answer apart",
+        description=(
+            "Encodes PROMPT in the Magistral chat format (system prompt included), samples a completion "
+            "with the KV-cache sampler and prints it as it is generated: the thinking dimmed on a terminal "
+            "(or under its own heading when the output is not a terminal), the answer plainly, and tokens/s "
+            "at the end. With --json, prints one JSON object per sample instead."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (any format load_model reads)")
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument(
+        "--system-prompt",
+        default="default",
+        help="'default' (the checkpoint's SYSTEM_PROMPT.txt if it has one, else the model family's "
+        "published prompt), 'none', or a text file",
+    )
+    p.add_argument("--tokenizer", help="tokenizer file (default: tekken.json or tokenizer.model* in the checkpoint)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7, as the model cards)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p filter (default 0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="completion budget (default 1024)")
+    p.add_argument("--n", type=int, default=1, help="samples (default 1; more than one are printed at the end)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default bfloat16)")
+    p.add_argument("--mesh", default="", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: one device)")
+    p.add_argument("--chunk", type=int, default=8, help="tokens per streamed chunk (default 8)")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample instead of streaming text")
+    p.set_defaults(run=run)
+
+
+def _system_prompt(choice: str, checkpoint: str, tokenizer) -> str | None:
+    if choice == "none":
+        return None
+    if choice == "default":
+        shipped = os.path.join(checkpoint, "SYSTEM_PROMPT.txt")
+        if os.path.exists(shipped):
+            with open(shipped) as f:
+                return f.read()
+        return tokenizer.default_system_prompt()
+    if not os.path.exists(choice):
+        raise ValueError(f"--system-prompt: {choice!r} is neither default, none nor an existing file")
+    with open(choice) as f:
+        return f.read()
+
+
+class _Printer:
+    """Prints the growing completion: thinking dimmed (or under a heading), then the answer."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.tty = out.isatty()
+        self.ids: list[int] = []
+        self.printed = {"thinking": "", "answer": ""}
+        self.section: str | None = None
+
+    def _emit(self, section: str, text: str) -> None:
+        new = text[len(self.printed[section]) :] if text.startswith(self.printed[section]) else text
+        if not new:
+            return
+        if section != self.section:
+            if self.tty:
+                self.out.write("\x1b[2m" if section == "thinking" else "\x1b[0m\n")
+            else:
+                self.out.write(("" if self.section is None else "\n") + f"--- {section} ---\n")
+            self.section = section
+        self.out.write(new)
+        self.out.flush()
+        self.printed[section] = text
+
+    def add(self, ids: list[int]) -> None:
+        self.ids += ids
+        r = self.tokenizer.split(self.ids, strip=False)
+        if r.thinking is not None:
+            self._emit("thinking", r.thinking.lstrip())
+        if r.answer:
+            self._emit("answer", r.answer.lstrip() if r.thinking is not None else r.answer)
+
+    def close(self) -> None:
+        if self.tty and self.section == "thinking":
+            self.out.write("\x1b[0m")
+        self.out.write("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from magistral_jax.sampling import Sampler, SamplingParams
+
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
+    for name in ("max_new_tokens", "n", "chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: a positive integer is expected")
+    if not os.path.isdir(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: not a directory")
+
+    from magistral_jax import load_model
+    from magistral_jax.sharding import make_mesh, parse_mesh
+    from magistral_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    prompt = tokenizer.encode_chat(args.prompt, _system_prompt(args.system_prompt, args.checkpoint, tokenizer))
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    if tokenizer.vocab_size > model.cfg.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.cfg.text.vocab_size}: "
+            "they do not belong together"
+        )
+    sampler = Sampler(model, stop_ids=(tokenizer.eos_id,))
+    start = time.perf_counter()
+    if args.json or args.n > 1:
+        out = sampler.sample([prompt], max_new_tokens=args.max_new_tokens, n=args.n, sampling=sampling, seed=args.seed)
+    else:
+        printer = _Printer(tokenizer, sys.stdout)
+        for chunk in sampler.stream(
+            [prompt], max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, chunk=args.chunk
+        ):
+            printer.add(chunk.tokens[0])
+            out = chunk.output
+        printer.close()
+    seconds = time.perf_counter() - start
+    for row in range(len(out.lengths)):
+        ids = out.completion(row)
+        r = tokenizer.split(ids)
+        if args.json:
+            record = {
+                "tokens": ids,
+                "text": tokenizer.decode(ids, keep_special=True),
+                "thinking": r.thinking,
+                "answer": r.answer,
+                "logprobs": [round(float(x), 6) for x in out.logprobs[row, : len(ids)]],
+                "finish_reason": out.finish_reasons[row],
+            }
+            print(json.dumps(record, ensure_ascii=False))
+        elif args.n > 1:
+            print(f"=== sample {row + 1}/{args.n} ({out.finish_reasons[row]}) ===")
+            if r.thinking is not None:
+                print(f"--- thinking ---\n{r.thinking}\n--- answer ---")
+            print(r.answer)
+    total = int(out.lengths.sum())
+    if not args.json:
+        print(
+            f"[{total} tokens in {seconds:.2f} s: {total / seconds:.1f} tokens/s, compilation included; "
+            f"prompt {len(prompt)} tokens; finish: {', '.join(out.finish_reasons)}]",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,82 @@
+"""Token choice: greedy, temperature, top-k, top-p, min-p against hand-worked supports and frequencies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from magistral_jax.sampling.strategies import GREEDY, SamplingParams, choose
+
+# Probabilities 0.5, 0.3, 0.15, 0.05 (and logits shifted by a constant).
+PROBS = np.array([0.5, 0.3, 0.15, 0.05])
+LOGITS = np.log(PROBS) + 3.0
+
+
+def _draw(params, logits=LOGITS, n=4000, seed=0):
+    rows = jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1))
+    keys = jax.random.split(jax.random.key(seed), n)
+    tokens, logprobs, raw = jax.jit(choose, static_argnums=2)(rows, keys, params)
+    return np.asarray(tokens), np.asarray(logprobs), np.asarray(raw)
+
+
+def test_greedy_is_argmax_with_raw_logprobs():
+    tokens, logprobs, raw = _draw(GREEDY, n=3)
+    assert tokens.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(logprobs, np.log(0.5), rtol=1e-6)
+    np.testing.assert_allclose(raw, np.log(0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("params", "support"),
+    [
+        (SamplingParams(top_k=2), {0, 1}),
+        (SamplingParams(top_p=0.7), {0, 1}),  # 0.5 < 0.7, then 0.3 crosses it
+        (SamplingParams(top_p=0.8), {0, 1}),  # the mass before token 2 (0.8) is not below 0.8
+        (SamplingParams(top_p=0.81), {0, 1, 2}),
+        (SamplingParams(min_p=0.2), {0, 1, 2}),  # keep p >= 0.2 * 0.5 = 0.1
+        (SamplingParams(top_k=3, top_p=0.5), {0}),  # top-p on the renormalised top 3: 0.5/0.95
+        (SamplingParams(top_k=1, temperature=5.0), {0}),
+    ],
+)
+def test_filters_keep_exactly_the_hand_worked_support(params, support):
+    tokens, _, _ = _draw(params)
+    assert set(tokens.tolist()) == support
+
+
+def test_temperature_sampling_frequencies_and_logprobs():
+    params = SamplingParams(temperature=2.0)
+    tokens, logprobs, raw = _draw(params, n=20000, seed=1)
+    tempered = PROBS**0.5 / np.sum(PROBS**0.5)
+    freqs = np.bincount(tokens, minlength=4) / len(tokens)
+    # Four standard errors of a binomial proportion at n = 20000.
+    assert np.all(np.abs(freqs - tempered) < 4 * np.sqrt(tempered * (1 - tempered) / len(tokens)))
+    np.testing.assert_allclose(logprobs, np.log(tempered)[tokens], rtol=1e-5)
+    np.testing.assert_allclose(raw, np.log(PROBS)[tokens], rtol=1e-5)
+
+
+def test_logprobs_ignore_the_truncation():
+    # Under top-k the drawn tokens' logprobs are those of the full tempered distribution.
+    tokens, logprobs, _ = _draw(SamplingParams(top_k=2), n=50)
+    np.testing.assert_allclose(logprobs, np.log(PROBS)[tokens], rtol=1e-5)
+
+
+def test_seeded_draws_are_reproducible():
+    a = _draw(SamplingParams(), n=64, seed=7)[0]
+    b = _draw(SamplingParams(), n=64, seed=7)[0]
+    c = _draw(SamplingParams(), n=64, seed=8)[0]
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.0}, "min_p"),
+    ],
+)
+def test_invalid_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

@@ -1,0 +1,106 @@
+"""`magistral-jax generate` end to end on a tiny model with the Tekken v13 stand-in tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import hf_reference as R
+import pytest
+
+from magistral_jax.tokenizer import load_tokenizer, write_standin_tekken
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    # The Tekken vocabulary has 131072 ids: the model must accept all of them.
+    R.causal_lm(seed=4, vocab=131072, dim=32, layers=1, heads=4, kv_heads=2, head_dim=8, hidden=48).save_pretrained(
+        directory
+    )
+    write_standin_tekken(directory / "tekken.json")
+    return directory
+
+
+def _generate(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, "-m", "magistral_jax", "generate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_json_samples(checkpoint):
+    out = _generate(
+        "--checkpoint",
+        str(checkpoint),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "5",
+        "--n",
+        "2",
+        "--temperature",
+        "1.0",
+        "--dtype",
+        "float32",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(records) == 2
+    tokenizer = load_tokenizer(checkpoint)
+    for r in records:
+        assert set(r) == {"tokens", "text", "thinking", "answer", "logprobs", "finish_reason"}
+        assert len(r["tokens"]) == len(r["logprobs"]) <= 5
+        assert r["text"] == tokenizer.decode(r["tokens"], keep_special=True)
+        assert r["finish_reason"] in ("stop", "length")
+        assert all(lp <= 0 for lp in r["logprobs"])
+
+
+def test_streaming_text_and_speed_line(checkpoint):
+    out = _generate(
+        "--checkpoint",
+        str(checkpoint),
+        "--prompt",
+        "Hi there",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--system-prompt",
+        "none",
+        "--dtype",
+        "float32",
+        "--chunk",
+        "2",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--- answer ---" in out.stdout or "--- thinking ---" in out.stdout
+    assert "tokens/s" in out.stderr and "prompt 5 tokens" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "   "], "--prompt is empty"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--prompt", "x", "--top-p", "2"], "top_p"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--prompt", "x", "--system-prompt", "nosuchfile.txt"], "neither default, none nor an existing file"),
+        (["--prompt", "x " * 200, "--max-new-tokens", "131000"], "exceeds the model's context"),
+    ],
+)
+def test_bad_input(checkpoint, args, message):
+    out = _generate("--checkpoint", str(checkpoint), "--dtype", "float32", *args)
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_missing_checkpoint_or_tokenizer(checkpoint, tmp_path):
+    out = _generate("--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
+    assert out.returncode == 1 and "not a directory" in out.stderr
+    out = _generate("--checkpoint", str(checkpoint), "--prompt", "x", "--tokenizer", str(tmp_path / "t.json"))
+    assert out.returncode == 1 and "no such tokenizer file" in out.stderr
