@@ -167,8 +167,6 @@ class Sampler:
         cfg = self.model.cfg
         if not prompts:
             raise ValueError("prompts: at least one prompt is expected")
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
         lengths = np.array([len(p) for p in prompts], np.int32)
         if lengths.min() < 1:
             raise ValueError(f"prompt {int(lengths.argmin())} is empty")
@@ -219,6 +217,8 @@ class Sampler:
         chunk: int = 16,
     ) -> Iterator[Chunk]:
         """Yields the new tokens of every row every `chunk` decode steps (see `Chunk`)."""
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
         if chunk < 1:
             raise ValueError(f"chunk: a positive number of tokens is expected, got {chunk}")
         state = self._start(prompts, n, max_new_tokens, seed)
