@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +15,26 @@ import numpy as np
 from jax.sharding import Mesh
 
 from magistral_jax.config import ModelConfig, canonical_dtype
-from magistral_jax.model import decoder, param_specs
+from magistral_jax.images import ImageError, encode_image
+from magistral_jax.model import decoder, param_specs, vision
 from magistral_jax.model import params as P
 from magistral_jax.sharding import host_array_to_global, logical_sharding
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _logits(params, tokens, positions, segment_ids, cfg: ModelConfig):
-    return decoder.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids)[0]
+def _logits(params, tokens, positions, segment_ids, images, cfg: ModelConfig):
+    x = None if images is None else vision.embed_with_images(params, tokens, images, cfg)
+    return decoder.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids, embeddings=x)[0]
+
+
+def pixels_of(image: Any, cfg: ModelConfig, name: str = "image") -> np.ndarray:
+    """Preprocessed pixels: float `[3, H, W]` arrays are taken as they are, anything else (PIL,
+    uint8 arrays, encoded bytes) goes through mistral-common's image encoder."""
+    if cfg.vision is None:
+        raise ImageError(f"{cfg.name} has no vision encoder: images cannot be given")
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32)
+    return encode_image(image, cfg.vision, name)[1]
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Model:
         self,
         tokens: np.ndarray | jax.Array,
         *,
+        images: Sequence[Sequence[Any]] | None = None,
         mask: np.ndarray | jax.Array | None = None,
         segment_ids: np.ndarray | jax.Array | None = None,
         positions: np.ndarray | jax.Array | None = None,
@@ -53,6 +68,9 @@ class Model:
         """float32 logits [batch, seq, vocab] of int32 `tokens` [batch, seq].
 
         Args:
+          images: per sequence, the list of its images in order (PIL images, uint8 arrays, encoded
+            bytes, or float32 `[3, H, W]` pixels already preprocessed); each must appear in the
+            sequence as its `[IMG]` / `[IMG_BREAK]` / `[IMG_END]` block (see `magistral_jax.images`).
           mask: 1 for real tokens, 0 for padding (left or right); shorthand for `segment_ids`.
           segment_ids: 0 for padding, one id per packed document.
           positions: RoPE positions; by default each document counts from 0.
@@ -73,6 +91,13 @@ class Model:
                 raise ValueError(f"{name}: shape {tuple(tokens.shape)} expected, got {tuple(arr.shape)}")
         if segment_ids is None:
             segment_ids = np.ones(tokens.shape, np.int32)
+        vision_inputs = None
+        if images is not None:
+            pixels = [
+                [pixels_of(img, self.cfg, f"image {k} of sequence {b}") for k, img in enumerate(seq)]
+                for b, seq in enumerate(images)
+            ]
+            vision_inputs = vision.prepare(np.asarray(tokens), pixels, self.cfg.vision)
         with self.mesh_context():
             pos = None if positions is None else self.place_batch(np.asarray(positions, np.int32))
             return _logits(
@@ -80,6 +105,7 @@ class Model:
                 self.place_batch(tokens.astype(np.int32)),
                 pos,
                 self.place_batch(np.asarray(segment_ids, np.int32)),
+                vision_inputs,
                 self.cfg,
             )
 

@@ -148,6 +148,24 @@ class Tokenizer:
           messages: a user prompt, or `{"role": "user"|"assistant"|"system", "content": ...}` dicts.
           system_prompt: prepended as the system message (None: no system message).
         """
+        return list(self._encode(messages, system_prompt, []).tokens)
+
+    def encode_chat_with_images(
+        self, messages: list[dict[str, str]] | str, images: list[Any], system_prompt: str | None = None
+    ) -> tuple[list[int], list[Any]]:
+        """Like `encode_chat`, with `images` (PIL images, uint8 arrays or encoded bytes) placed before
+        the last user message's text, as mistral-common lays them out. Returns the ids and each
+        image's preprocessed float32 `[3, H, W]` pixels."""
+        from magistral_jax.images import to_pil
+
+        if self.mistral.instruct_tokenizer.image_encoder is None:
+            raise TokenizerError(f"{self.path}: this tokenizer has no image settings; it cannot encode images")
+        pil = [to_pil(image, f"image {k}") for k, image in enumerate(images)]
+        encoded = self._encode(messages, system_prompt, pil)
+        return list(encoded.tokens), list(encoded.images)
+
+    def _encode(self, messages: list[dict[str, str]] | str, system_prompt: str | None, images: list[Any]):
+        from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
@@ -155,7 +173,7 @@ class Tokenizer:
             messages = [{"role": "user", "content": messages}]
         if system_prompt:
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        built = []
+        built: list[Any] = []
         for m in messages:
             role, content = m.get("role"), m.get("content")
             if not isinstance(content, str):
@@ -171,8 +189,11 @@ class Tokenizer:
                 raise TokenizerError(f"message role {role!r}: expected system, user or assistant")
         if not built or built[-1].role != "user":
             raise TokenizerError("the last message must be the user's")
+        if images:
+            text = built[-1].content
+            built[-1] = UserMessage(content=[*(ImageChunk(image=image) for image in images), TextChunk(text=text)])
         try:
-            return list(self.mistral.encode_chat_completion(ChatCompletionRequest(messages=built)).tokens)
+            return self.mistral.encode_chat_completion(ChatCompletionRequest(messages=built))
         except Exception as e:
             raise TokenizerError(f"cannot encode the chat ({type(e).__name__}: {e})") from None
 

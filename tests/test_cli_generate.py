@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import hf_reference as R
+import numpy as np
 import pytest
 
 from magistral_jax.tokenizer import load_tokenizer, write_standin_tekken
@@ -104,3 +105,42 @@ def test_missing_checkpoint_or_tokenizer(checkpoint, tmp_path):
     assert out.returncode == 1 and "not a directory" in out.stderr
     out = _generate("--checkpoint", str(checkpoint), "--prompt", "x", "--tokenizer", str(tmp_path / "t.json"))
     assert out.returncode == 1 and "no such tokenizer file" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def vision_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("vision")
+    R.mistral3(seed=5, vocab=131072, dim=32, layers=1, heads=4, kv_heads=2, head_dim=8, hidden=48).save_pretrained(
+        directory
+    )
+    write_standin_tekken(directory / "tekken.json")
+    return directory
+
+
+def test_images(vision_checkpoint, checkpoint, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.fromarray((np.arange(50 * 100 * 3) % 251).astype(np.uint8).reshape(50, 100, 3)).save(image)
+    args = [
+        "--prompt",
+        "What is this?",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        "--system-prompt",
+        "none",
+    ]
+    out = _generate("--checkpoint", str(vision_checkpoint), "--image", str(image), "--image", str(image), *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # Two 100 x 50 images: 2 x (4 + 1) x 2 = 20 image tokens, then <s>[INST] ... [/INST].
+    assert "prompt 27 tokens" in out.stderr
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = _generate("--checkpoint", str(vision_checkpoint), "--image", str(corrupt), *args)
+    assert out.returncode == 1 and "broken.png: not a readable image" in out.stderr
+    out = _generate("--checkpoint", str(checkpoint), "--image", str(image), *args)
+    assert out.returncode == 1 and "has no vision encoder" in out.stderr

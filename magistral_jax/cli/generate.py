@@ -14,14 +14,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="chat with a checkpoint, streaming the thinking and the answer apart",
         description=(
-            "Encodes PROMPT in the Magistral chat format (system prompt included), samples a completion "
-            "with the KV-cache sampler and prints it as it is generated: the thinking dimmed on a terminal "
-            "(or under its own heading when the output is not a terminal), the answer plainly, and tokens/s "
-            "at the end. With --json, prints one JSON object per sample instead."
+            "Encodes PROMPT (and any --image) in the Magistral chat format, system prompt included, "
+            "samples a completion with the KV-cache sampler and prints it as it is generated: the "
+            "thinking dimmed on a terminal (or under its own heading when the output is not a "
+            "terminal), the answer plainly, and tokens/s at the end. With --json, prints one JSON "
+            "object per sample instead."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (any format load_model reads)")
     p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image shown with the prompt (repeat for several; needs a checkpoint with a vision encoder)",
+    )
     p.add_argument(
         "--system-prompt",
         default="default",
@@ -109,13 +117,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--checkpoint {args.checkpoint}: not a directory")
 
     from magistral_jax import load_model
+    from magistral_jax.images import load_image
     from magistral_jax.sharding import make_mesh, parse_mesh
     from magistral_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-    prompt = tokenizer.encode_chat(args.prompt, _system_prompt(args.system_prompt, args.checkpoint, tokenizer))
+    system = _system_prompt(args.system_prompt, args.checkpoint, tokenizer)
+    images = [load_image(path) for path in args.image]
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    if images and model.cfg.vision is None:
+        raise ValueError(f"--image: {args.checkpoint} has no vision encoder")
+    if images:
+        prompt, pixels = tokenizer.encode_chat_with_images(args.prompt, images, system)
+        image_inputs = [pixels]
+    else:
+        prompt, image_inputs = tokenizer.encode_chat(args.prompt, system), None
     if tokenizer.vocab_size > model.cfg.text.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.cfg.text.vocab_size}: "
@@ -124,11 +141,23 @@ def run(args: argparse.Namespace) -> int:
     sampler = Sampler(model, stop_ids=(tokenizer.eos_id,))
     start = time.perf_counter()
     if args.json or args.n > 1:
-        out = sampler.sample([prompt], max_new_tokens=args.max_new_tokens, n=args.n, sampling=sampling, seed=args.seed)
+        out = sampler.sample(
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            n=args.n,
+            sampling=sampling,
+            seed=args.seed,
+            images=image_inputs,
+        )
     else:
         printer = _Printer(tokenizer, sys.stdout)
         for chunk in sampler.stream(
-            [prompt], max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, chunk=args.chunk
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            seed=args.seed,
+            chunk=args.chunk,
+            images=image_inputs,
         ):
             printer.add(chunk.tokens[0])
             out = chunk.output

@@ -25,18 +25,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from magistral_jax.config import ModelConfig, TextConfig
 from magistral_jax.model import params as P
 from magistral_jax.model.attention import attention
-from magistral_jax.model.layers import apply_rope, rms_norm, segment_positions, text_rope_angles
+from magistral_jax.model.blocks import attention_block, remat, swiglu_block
+from magistral_jax.model.layers import rms_norm, segment_positions, text_rope_angles
 from magistral_jax.sharding import constrain
-
-# checkpoint_name tags of the projections, used by the remat policies.
-_QKV_NAMES = ("query_proj", "key_proj", "value_proj")
-_MATMUL_NAMES = (*_QKV_NAMES, "attention_out", "mlp_gate", "mlp_up", "mlp_down")
 
 
 def param_specs(cfg: TextConfig) -> P.ParamTree:
@@ -151,43 +147,6 @@ def unembed(params: P.ParamTree, x: Float[Array, "B T D"], cfg: ModelConfig) -> 
         return constrain(logits, ("batch", "act_seq", "act_vocab"), cfg.rules)
 
 
-def _remat(fn, policy: str):
-    if policy == "none":
-        return fn
-    policies = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "save_matmuls": jax.checkpoint_policies.save_only_these_names(*_MATMUL_NAMES),
-        "save_qkv": jax.checkpoint_policies.save_only_these_names(*_QKV_NAMES),
-    }
-    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
-
-
-def _attention_block(x, lp, angles, attend, cfg: ModelConfig):
-    rules = cfg.rules
-    with jax.named_scope("attention"):
-        h = rms_norm(x, lp["attention_norm"], cfg.text.norm_eps)
-        q = checkpoint_name(jnp.einsum("btd,dnk->btnk", h, lp["wq"]), "query_proj")
-        k = checkpoint_name(jnp.einsum("btd,dgk->btgk", h, lp["wk"]), "key_proj")
-        v = checkpoint_name(jnp.einsum("btd,dgk->btgk", h, lp["wv"]), "value_proj")
-        q = constrain(apply_rope(q, angles), ("batch", "act_seq", "act_heads", None), rules)
-        k = constrain(apply_rope(k, angles), ("batch", "act_seq", "act_kv_heads", None), rules)
-        v = constrain(v, ("batch", "act_seq", "act_kv_heads", None), rules)
-        out, k_all, v_all = attend(q, k, v)
-        out = checkpoint_name(jnp.einsum("btnk,nkd->btd", out, lp["wo"]), "attention_out")
-        return x + constrain(out, ("batch", "act_seq", "act_embed"), rules), (k_all, v_all)
-
-
-def _mlp_block(x, lp, cfg: ModelConfig):
-    rules = cfg.rules
-    with jax.named_scope("mlp"):
-        h = rms_norm(x, lp["ffn_norm"], cfg.text.norm_eps)
-        gate = checkpoint_name(jnp.einsum("btd,df->btf", h, lp["w1"]), "mlp_gate")
-        up = checkpoint_name(jnp.einsum("btd,df->btf", h, lp["w3"]), "mlp_up")
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"), rules)
-        out = checkpoint_name(jnp.einsum("btf,fd->btd", hidden, lp["w2"]), "mlp_down")
-        return x + constrain(out, ("batch", "act_seq", "act_embed"), rules)
-
-
 def decode_layers(
     params: P.ParamTree,
     x: Float[Array, "B T D"],
@@ -230,11 +189,11 @@ def decode_layers(
             )
             return out, k, v
 
-        x, kv = _attention_block(x, lp, angles, attend, cfg)
-        x = _mlp_block(x, lp, cfg)
+        x, kv = attention_block(x, lp, angles, attend, tc.norm_eps, cfg.rules)
+        x = swiglu_block(x, lp, tc.norm_eps, cfg.rules)
         return x, (kv if cache is not None else None)
 
-    layer = _remat(layer, cfg.remat)
+    layer = remat(layer, cfg.remat)
     xs = (params["layers"], None, None) if cache is None else (params["layers"], cache.k, cache.v)
     with jax.named_scope("layers"):
         x, kv = jax.lax.scan(layer, x, xs)
@@ -253,6 +212,7 @@ def forward(
     positions: Int[Array, "B T"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
     cache: KVCache | None = None,
+    embeddings: Float[Array, "B T D"] | None = None,
 ) -> tuple[Float[Array, "B T V"], KVCache | None]:
     """Logits (float32) of every token, and the updated cache when one is given.
 
@@ -262,6 +222,8 @@ def forward(
         cached length when a cache is given.
       segment_ids: 0 for padding, equal ids for tokens of one document; default all ones.
       cache: a `KVCache` to read and extend (prefill and decode), or None.
+      embeddings: input embeddings to use instead of the tokens' (images merged in, see
+        `vision.embed_with_images`).
     """
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
@@ -269,6 +231,6 @@ def forward(
         positions = segment_positions(segment_ids)
         if cache is not None:
             positions = positions + cache.lengths[:, None]
-    x = embed(params, tokens, cfg)
+    x = embed(params, tokens, cfg) if embeddings is None else embeddings
     x, cache = decode_layers(params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache)
     return unembed(params, x, cfg), cache

@@ -45,6 +45,18 @@ def text_rope_angles(positions: Int[Array, "B T"], head_dim: int, theta: float) 
     return positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
 
 
+def vision_rope_angles(
+    rows: Int[Array, "B T"], cols: Int[Array, "B T"], head_dim: int, theta: float
+) -> Float[Array, "B T K/2"]:
+    """Pixtral's 2D RoPE angles: the first K/4 pairs rotate by the patch row times the even-indexed
+    frequencies, the last K/4 by the column times the odd-indexed ones."""
+    freqs = rope_inv_freq(head_dim, theta)
+    return jnp.concatenate(
+        [rows.astype(jnp.float32)[..., None] * freqs[0::2], cols.astype(jnp.float32)[..., None] * freqs[1::2]],
+        axis=-1,
+    )
+
+
 def segment_positions(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
     """Position of each token inside its segment (0 at each segment start; padding (id 0) gets 0).
 

@@ -24,13 +24,15 @@ import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magistral_jax.api import pixels_of
 from magistral_jax.config import ModelConfig
-from magistral_jax.model import decoder
+from magistral_jax.model import decoder, vision
 from magistral_jax.sampling.strategies import MAGISTRAL, SamplingParams, choose
 
 BUCKET = 128
@@ -80,11 +82,14 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "cache_len", "max_new"))
-def _prefill(params, prompts, lengths, key, *, cfg: ModelConfig, n: int, cache_len: int, max_new: int) -> DecodeState:
+def _prefill(
+    params, prompts, lengths, key, images, *, cfg: ModelConfig, n: int, cache_len: int, max_new: int
+) -> DecodeState:
     b, p = prompts.shape
     segments = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
     cache = decoder.KVCache.init(cfg, b, cache_len)
-    logits, cache = decoder.forward(params, prompts, cfg, segment_ids=segments, cache=cache)
+    x = None if images is None else vision.embed_with_images(params, prompts, images, cfg)
+    logits, cache = decoder.forward(params, prompts, cfg, segment_ids=segments, cache=cache, embeddings=x)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     # n samples per prompt: repeat the filled cache rather than prefilling again.
     repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
@@ -163,7 +168,14 @@ class Sampler:
         self.model = model
         self.stop_ids = tuple(int(i) for i in stop_ids)
 
-    def _start(self, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, seed: int) -> DecodeState:
+    def _start(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        seed: int,
+        images: Sequence[Sequence[Any]] | None = None,
+    ) -> DecodeState:
         cfg = self.model.cfg
         if not prompts:
             raise ValueError("prompts: at least one prompt is expected")
@@ -183,12 +195,20 @@ class Sampler:
         if batch.max() >= cfg.text.vocab_size or batch.min() < 0:
             raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
         cache_len = _round_up(width + max_new_tokens, BUCKET)
+        vision_inputs = None
+        if images is not None:
+            pixels = [
+                [pixels_of(img, cfg, f"image {k} of prompt {b}") for k, img in enumerate(seq)]
+                for b, seq in enumerate(images)
+            ]
+            vision_inputs = vision.prepare(batch, pixels, cfg.vision)
         with self.model.mesh_context():
             return _prefill(
                 self.model.params,
                 self.model.place_batch(batch),
                 jnp.asarray(lengths),
                 jax.random.key(seed),
+                vision_inputs,
                 cfg=cfg,
                 n=n,
                 cache_len=cache_len,
@@ -215,13 +235,15 @@ class Sampler:
         sampling: SamplingParams = MAGISTRAL,
         seed: int = 0,
         chunk: int = 16,
+        images: Sequence[Sequence[Any]] | None = None,
     ) -> Iterator[Chunk]:
-        """Yields the new tokens of every row every `chunk` decode steps (see `Chunk`)."""
+        """Yields the new tokens of every row every `chunk` decode steps (see `Chunk`); `images`
+        are the prompts' images as `Model.logits` takes them."""
         if n < 1 or max_new_tokens < 1:
             raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
         if chunk < 1:
             raise ValueError(f"chunk: a positive number of tokens is expected, got {chunk}")
-        state = self._start(prompts, n, max_new_tokens, seed)
+        state = self._start(prompts, n, max_new_tokens, seed, images)
         seen = 0
         while True:
             state = self._decode(state, min(seen + chunk, max_new_tokens), sampling)
@@ -246,10 +268,17 @@ class Sampler:
         n: int = 1,
         sampling: SamplingParams = MAGISTRAL,
         seed: int = 0,
+        images: Sequence[Sequence[Any]] | None = None,
     ) -> SampleOutput:
         """Completions of every prompt, `n` each, in one compiled decode loop."""
         *_, last = self.stream(
-            prompts, max_new_tokens=max_new_tokens, n=n, sampling=sampling, seed=seed, chunk=max_new_tokens
+            prompts,
+            max_new_tokens=max_new_tokens,
+            n=n,
+            sampling=sampling,
+            seed=seed,
+            chunk=max_new_tokens,
+            images=images,
         )
         assert last.output is not None
         return last.output
