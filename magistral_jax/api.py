@@ -27,14 +27,23 @@ def _logits(params, tokens, positions, segment_ids, images, cfg: ModelConfig):
     return decoder.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids, embeddings=x)[0]
 
 
-def pixels_of(image: Any, cfg: ModelConfig, name: str = "image") -> np.ndarray:
-    """Preprocessed pixels: float `[3, H, W]` arrays are taken as they are, anything else (PIL,
-    uint8 arrays, encoded bytes) goes through mistral-common's image encoder."""
-    if cfg.vision is None:
-        raise ImageError(f"{cfg.name} has no vision encoder: images cannot be given")
+def _pixels(image: Any, cfg: ModelConfig, name: str) -> np.ndarray:
+    # float [3, H, W] arrays are preprocessed already; anything else goes through mistral-common.
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
         return image.astype(np.float32)
+    assert cfg.vision is not None
     return encode_image(image, cfg.vision, name)[1]
+
+
+def image_inputs(tokens: np.ndarray, images: Sequence[Sequence[Any]], cfg: ModelConfig) -> vision.VisionInputs | None:
+    """The vision inputs of a token batch and its images (per sequence, in order: PIL images,
+    uint8 arrays, encoded bytes, or float32 `[3, H, W]` pixels already preprocessed)."""
+    if cfg.vision is None:
+        raise ImageError(f"{cfg.name} has no vision encoder: images cannot be given")
+    pixels = [
+        [_pixels(img, cfg, f"image {k} of sequence {b}") for k, img in enumerate(seq)] for b, seq in enumerate(images)
+    ]
+    return vision.prepare(np.asarray(tokens), pixels, cfg.vision)
 
 
 @dataclass
@@ -91,13 +100,7 @@ class Model:
                 raise ValueError(f"{name}: shape {tuple(tokens.shape)} expected, got {tuple(arr.shape)}")
         if segment_ids is None:
             segment_ids = np.ones(tokens.shape, np.int32)
-        vision_inputs = None
-        if images is not None:
-            pixels = [
-                [pixels_of(img, self.cfg, f"image {k} of sequence {b}") for k, img in enumerate(seq)]
-                for b, seq in enumerate(images)
-            ]
-            vision_inputs = vision.prepare(np.asarray(tokens), pixels, self.cfg.vision)
+        vision_inputs = None if images is None else image_inputs(np.asarray(tokens), images, self.cfg)
         with self.mesh_context():
             pos = None if positions is None else self.place_batch(np.asarray(positions, np.int32))
             return _logits(

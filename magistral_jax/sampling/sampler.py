@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magistral_jax.api import pixels_of
+from magistral_jax.api import image_inputs
 from magistral_jax.config import ModelConfig
 from magistral_jax.model import decoder, vision
 from magistral_jax.sampling.strategies import MAGISTRAL, SamplingParams, choose
@@ -195,13 +195,7 @@ class Sampler:
         if batch.max() >= cfg.text.vocab_size or batch.min() < 0:
             raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
         cache_len = _round_up(width + max_new_tokens, BUCKET)
-        vision_inputs = None
-        if images is not None:
-            pixels = [
-                [pixels_of(img, cfg, f"image {k} of prompt {b}") for k, img in enumerate(seq)]
-                for b, seq in enumerate(images)
-            ]
-            vision_inputs = vision.prepare(batch, pixels, cfg.vision)
+        vision_inputs = None if images is None else image_inputs(batch, images, cfg)
         with self.model.mesh_context():
             return _prefill(
                 self.model.params,
