@@ -1,36 +1,38 @@
 """magistral-jax: Magistral / Mistral Small 24B in pure JAX.
 
-import magistral_jax as mj
-model = mj.load_model(path)              # Hugging Face checkpoint directory
-logits = model.logits(tokens)            # int32 [batch, seq] -> float32 [batch, seq, vocab]
+    import magistral_jax as mj
+    model = mj.load_model(path)              # Hugging Face, Mistral or Orbax checkpoint directory
+    logits = model.logits(tokens)            # int32 [batch, seq] -> float32 [batch, seq, vocab]
+
+Names are imported lazily, so light submodules (rewards, data) load without JAX: reward worker
+processes stay small.
 """
 
-from magistral_jax.api import Model, init_model, load_model
-from magistral_jax.config import (
-    PRESETS,
-    ConfigError,
-    ModelConfig,
-    TextConfig,
-    VisionConfig,
-    from_hf_config,
-    from_mistral_params,
-    get_preset,
-    read_config,
-)
-from magistral_jax.sharding import make_mesh
+from __future__ import annotations
 
-__all__ = [
-    "PRESETS",
-    "ConfigError",
-    "Model",
-    "ModelConfig",
-    "TextConfig",
-    "VisionConfig",
-    "from_hf_config",
-    "from_mistral_params",
-    "get_preset",
-    "init_model",
-    "load_model",
-    "make_mesh",
-    "read_config",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Model": "magistral_jax.api",
+    "init_model": "magistral_jax.api",
+    "load_model": "magistral_jax.api",
+    "PRESETS": "magistral_jax.config",
+    "ConfigError": "magistral_jax.config",
+    "ModelConfig": "magistral_jax.config",
+    "TextConfig": "magistral_jax.config",
+    "VisionConfig": "magistral_jax.config",
+    "from_hf_config": "magistral_jax.config",
+    "from_mistral_params": "magistral_jax.config",
+    "get_preset": "magistral_jax.config",
+    "read_config": "magistral_jax.config",
+    "make_mesh": "magistral_jax.sharding",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'magistral_jax' has no attribute {name!r}")

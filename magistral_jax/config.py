@@ -469,11 +469,12 @@ def from_mistral_params(d: dict[str, Any], name: str = "mistral") -> ModelConfig
     return ModelConfig(name=name, text=text, vision=vision)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_model_fields(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{text: {n_layers: 2}, remat: full}` -> `{"text.n_layers": 2, "remat": "full"}`."""
     flat: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, dict) and key in ("text", "vision"):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_model_fields(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -489,7 +490,7 @@ def _read_yaml_config(path: str) -> ModelConfig:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(d, dict) or "preset" not in d:
         raise ConfigError(f"{path}: preset: required field is missing (a YAML model config names its preset)")
-    changes = _flatten({k: v for k, v in d.items() if k != "preset"})
+    changes = flatten_model_fields({k: v for k, v in d.items() if k != "preset"})
     if "rules" in changes:
         changes["rules"] = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in changes["rules"])
     try:

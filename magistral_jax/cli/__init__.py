@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from magistral_jax.cli import bench, convert, demo, generate
+from magistral_jax.cli import bench, convert, demo, generate, train
 
-_COMMANDS = (demo, convert, generate, bench)
+_COMMANDS = (demo, convert, generate, train, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,16 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # KEY=VALUE overrides may follow options (`train grpo --config f.yaml steps=10`).
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
     from magistral_jax.checkpoint import CheckpointError
     from magistral_jax.config import ConfigError
+    from magistral_jax.train.step import TrainingError
 
     try:
         return int(args.run(args) or 0)
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+    except (CheckpointError, ConfigError, TrainingError, ValueError, OSError) as e:
         print(f"magistral-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _simulate_devices(n: int) -> None:
+def simulate_devices(n: int) -> None:
     # Must happen before the first JAX computation creates the CPU client.
     flag = f"--xla_force_host_platform_device_count={n}"
     flags = os.environ.get("XLA_FLAGS", "")
@@ -77,7 +77,7 @@ def _training_batch(examples, seq_len: int):
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch < 1 or args.devices < 1:
         raise SystemExit("demo: --steps, --batch and --devices must be positive")
-    _simulate_devices(args.devices)
+    simulate_devices(args.devices)
 
     import jax
     import jax.numpy as jnp

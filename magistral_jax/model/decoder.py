@@ -234,3 +234,51 @@ def forward(
     x = embed(params, tokens, cfg) if embeddings is None else embeddings
     x, cache = decode_layers(params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache)
     return unembed(params, x, cfg), cache
+
+
+def token_logprobs(
+    params: P.ParamTree,
+    tokens: Int[Array, "B T"],
+    targets: Int[Array, "B T"],
+    cfg: ModelConfig,
+    *,
+    positions: Int[Array, "B T"] | None = None,
+    segment_ids: Int[Array, "B T"] | None = None,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+    """Log-probability of `targets[b, t]` after `tokens[b, :t+1]`, and the entropy of that
+    next-token distribution, at `temperature`, both float32.
+
+    The head runs over chunks of `chunk` positions, each under `jax.checkpoint`, so the float32
+    [tokens, vocab] logits never exist at once, forward or backward (one 32k-token sequence of
+    the 24B model would need 17 GB).
+    """
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+    x = embed(params, tokens, cfg)
+    x, _ = decode_layers(params, x, cfg, positions=positions, segment_ids=segment_ids)
+    h = rms_norm(x, params["norm"], cfg.text.norm_eps)
+    b, t, d = h.shape
+    c = min(chunk, t)
+    pad = -t % c
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    head = params["lm_head"].astype(cfg.dtype)
+
+    @jax.checkpoint
+    def one(hc, tc):
+        logits = jnp.einsum("btd,dv->btv", hc, head, preferred_element_type=jnp.float32) / temperature
+        logits = constrain(logits, ("batch", "act_seq", "act_vocab"), cfg.rules)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        entropy = logz - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+        return picked - logz, entropy
+
+    n = (t + pad) // c
+    chunks = (jnp.moveaxis(h.reshape(b, n, c, d), 1, 0), jnp.moveaxis(targets.reshape(b, n, c), 1, 0))
+    logp, entropy = jax.lax.map(lambda a: one(*a), chunks)
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * c)[:, :t]  # noqa: E731
+    return unchunk(logp), unchunk(entropy)

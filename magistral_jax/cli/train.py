@@ -1,0 +1,89 @@
+"""`magistral-jax train sft|grpo` and `magistral-jax plot`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train with SFT or GRPO (resumable)",
+        description=(
+            "Trains with SFT or the Magistral GRPO objective as the config says, writing checkpoints, "
+            "RUN_DIR/metrics.jsonl (one line per step) and TensorBoard events. Running the same command "
+            "again resumes from the latest checkpoint in run_dir. Overrides are dotted KEY=VALUE pairs, "
+            "e.g. steps=20 optimizer.lr=1e-5 grpo.group_size=16 (see configs/ for the keys)."
+        ),
+    )
+    p.add_argument("kind", choices=["sft", "grpo"], help="what to train")
+    p.add_argument("--config", help="YAML run config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="simulated CPU devices when running on the CPU (default: the config's mesh needs)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_train)
+
+    q = sub.add_parser(
+        "plot",
+        help="plot a run's metrics to PNG",
+        description="Writes RUN_DIR/plots/*.png "
+        "from RUN_DIR/metrics.jsonl: reward, loss, completion length, entropy and the rest.",
+    )
+    q.add_argument("run_dir", metavar="RUN_DIR")
+    q.add_argument("--metrics", nargs="*", help="metric names to plot (default: all numeric ones)")
+    q.set_defaults(run=run_plot)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from magistral_jax.cli.demo import simulate_devices
+    from magistral_jax.train.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides, kind=args.kind)
+    if args.devices:
+        simulate_devices(args.devices)
+    from magistral_jax.train.loop import run
+
+    metrics = run(cfg, progress=not args.quiet)
+    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(args.run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no metrics to plot")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: empty")
+    names = args.metrics or sorted(
+        {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, int | float)}
+    )
+    out = os.path.join(args.run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    for name in names:
+        points = [(r["step"], r[name]) for r in rows if name in r]
+        if not points:
+            raise ValueError(f"{name}: not in {path}")
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*points, strict=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title(f"{os.path.basename(os.path.abspath(args.run_dir))}: {name}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
+        plt.close(fig)
+    print(f"wrote {len(names)} plots to {out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Data: prompt and example sources with resumable state."""

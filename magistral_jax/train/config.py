@@ -1,0 +1,181 @@
+"""Training run configs: YAML files with `key=value` overrides.
+
+A run config names the model (a preset, a YAML model config, or a checkpoint to start from), the
+run directory, the schedule of steps and checkpoints, the optimizer, the data and, for GRPO, the
+objective, the sampling and the reward. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from magistral_jax.config import ConfigError
+from magistral_jax.train.step import OptimizerConfig
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """The RL part of a run (see `rl.losses` for the variants)."""
+
+    loss: str = "magistral"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0
+    group_size: int = 8
+    prompts_per_step: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    minibatches: int = 1  # optimizer updates per batch (each on whole groups)
+    reward_workers: int = 2
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A training run.
+
+    Attributes:
+      kind: `grpo` or `sft`.
+      model: preset name or YAML model config (ignored when `init_from` is set, except overrides).
+      model_overrides: `ModelConfig` fields to change (`remat`, `dtype`, `text.n_layers`, ...).
+      init_from: checkpoint directory to start from (any format `load_model` reads), or None for
+        random parameters drawn with `seed`.
+      param_dtype: master weights and optimizer state dtype (compute follows the model config).
+      run_dir: where checkpoints, metrics.jsonl and TensorBoard events go.
+      steps: optimizer steps of the whole run (a resumed run continues up to it).
+      checkpoint_every / keep_checkpoints: Orbax train-state checkpoints.
+      mesh: `data=..,fsdp=..,tensor=..` (empty: every device on fsdp).
+      microbatch_tokens: tokens per microbatch (rows x row_len).
+      row_len: slots per packed row (0: the longest sequence a step can produce, rounded up to 64).
+      logprob_chunk: sequence chunk of the chunked log-probabilities.
+      max_nonfinite: stop after this many non-finite updates in a row.
+      tokenizer: tokenizer file for decoding completions for text rewards (None: token ids).
+    """
+
+    kind: str
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    param_dtype: str = "float32"
+    run_dir: str = "runs/run"
+    steps: int = 100
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+    mesh: str = ""
+    microbatch_tokens: int = 4096
+    row_len: int = 0
+    logprob_chunk: int = 256
+    max_nonfinite: int = 3
+    tokenizer: str | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    data: dict[str, Any] = field(default_factory=lambda: {"name": "random_prompts"})
+    reward: dict[str, Any] = field(default_factory=lambda: {"name": "token_frequency"})
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("grpo", "sft"):
+            raise ConfigError(f"kind: {self.kind!r}; expected grpo or sft")
+        for name in (
+            "steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "microbatch_tokens",
+            "logprob_chunk",
+            "max_nonfinite",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: a positive integer is expected, got {value!r}")
+        g = self.grpo
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "minibatches"):
+            if getattr(g, name) < 1:
+                raise ConfigError(f"grpo.{name}: a positive integer is expected, got {getattr(g, name)!r}")
+        if g.group_size < 2 and self.kind == "grpo":
+            raise ConfigError("grpo.group_size: at least 2 completions per prompt are needed for an advantage")
+        if g.minibatches > g.prompts_per_step:
+            raise ConfigError(f"grpo.minibatches: {g.minibatches} minibatches of {g.prompts_per_step} prompts")
+        if not 0 <= g.eps_low < 1 or g.eps_high < 0:
+            raise ConfigError(
+                f"grpo.eps_low / eps_high: 0 <= eps_low < 1 and eps_high >= 0, got {g.eps_low}, {g.eps_high}"
+            )
+
+
+_SECTIONS = {"optimizer": OptimizerConfig, "grpo": GRPOConfig, "sft": SFTConfig}
+
+
+def _build(d: dict[str, Any], where: str) -> RunConfig:
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in known:
+            raise ConfigError(f"{where}{key}: unknown key; expected one of {sorted(known)}")
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: a mapping is expected")
+            cls = _SECTIONS[key]
+            sub = {f.name for f in dataclasses.fields(cls)}
+            for k in value:
+                if k not in sub:
+                    raise ConfigError(f"{where}{key}.{k}: unknown key; expected one of {sorted(sub)}")
+            try:
+                value = cls(**value)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}{key}: {e}") from None
+        kwargs[key] = value
+    if "kind" not in kwargs:
+        raise ConfigError(f"{where}kind: required (grpo or sft)")
+    return RunConfig(**kwargs)
+
+
+def _scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def load_run_config(path: str | None, overrides: list[str] = (), kind: str | None = None) -> RunConfig:
+    """A run config from a YAML file (or none) with `a.b=value` overrides; `kind` must agree."""
+    import yaml
+
+    d: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no such config file")
+        with open(path) as f:
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: a mapping is expected at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: KEY=VALUE expected (e.g. optimizer.lr=1e-5)")
+        node = d
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = _scalar(value)
+    if kind is not None:
+        if d.get("kind", kind) != kind:
+            raise ConfigError(f"kind: the config is for {d['kind']!r}, the command trains {kind!r}")
+        d["kind"] = kind
+    return _build(d, f"{path}: " if path else "")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

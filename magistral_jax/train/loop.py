@@ -1,0 +1,357 @@
+"""The training loops: GRPO (synchronous, colocated) and SFT, resumable from Orbax checkpoints.
+
+GRPO, one step: draw `prompts_per_step` prompts; sample `group_size` completions each with the
+trainer's own parameters (no copy) and their log-probabilities; score them in the reward pool;
+drop constant groups if the variant says so; cut the kept groups into `minibatches`; for each,
+compute advantages and loss weights from whole groups, pack into fixed-token microbatches and take
+one optimizer step.
+
+SFT, one step: `batch_size` examples, cross-entropy on the answer (assistant) tokens only, mean
+over the batch's trained tokens.
+
+Everything a step draws is a function of `(seed, step)` and of the data source's state, and the
+checkpoint holds parameters, optimizer state, step and data state, so a resumed run continues
+exactly as an uninterrupted one would have (CPU: bit for bit).
+
+Outputs in `run_dir`: `checkpoints/` (the last `keep_checkpoints`), `metrics.jsonl` (one line per
+step), `tb/` (TensorBoard event files) and `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from magistral_jax.config import ConfigError, ModelConfig, flatten_model_fields, get_preset, read_config
+from magistral_jax.data.procedural import Example, make_source
+from magistral_jax.train.config import RunConfig, to_dict
+from magistral_jax.train.packing import Item, pack
+from magistral_jax.train.step import Objective, Trainer
+
+TIMING_METRICS = ("time_sampling", "time_scoring", "time_training", "time_step", "tokens_per_s")
+
+
+def _overrides(cfg: RunConfig) -> dict:
+    # `text: {n_layers: 2}` in YAML or `model_overrides.text.n_layers=2` on the command line.
+    return flatten_model_fields(cfg.model_overrides)
+
+
+def _model_config(cfg: RunConfig) -> ModelConfig:
+    if os.path.exists(cfg.model) or cfg.model.endswith((".yaml", ".yml")):
+        base = read_config(cfg.model)
+    else:
+        base = get_preset(cfg.model)
+    return base.replace(**_overrides(cfg))
+
+
+def build_model(cfg: RunConfig, mesh):
+    from magistral_jax.api import init_model, load_model
+
+    if cfg.init_from:
+        model = load_model(cfg.init_from, mesh=mesh, dtype=None)
+        model.cfg = model.cfg.replace(**_overrides(cfg))
+        if model.cfg.param_dtype != cfg.param_dtype:
+            model.params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), model.params)
+            model.cfg = model.cfg.replace(param_dtype=cfg.param_dtype)
+        return model
+    return init_model(_model_config(cfg).replace(param_dtype=cfg.param_dtype), cfg.seed, mesh=mesh)
+
+
+class MetricsLog:
+    """metrics.jsonl (truncated to the resumed step) and TensorBoard events."""
+
+    def __init__(self, run_dir: str, resume_step: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+class Checkpoints:
+    """Orbax train-state checkpoints: the trainer's state plus a JSON of the data state."""
+
+    def __init__(self, run_dir: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(run_dir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        ocp = self.ocp
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        )
+
+    def restore(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        ocp = self.ocp
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x,
+            like,
+        )
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        return out["state"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _row_len(cfg: RunConfig, longest: int) -> int:
+    return cfg.row_len or max(64, math.ceil(longest / 64) * 64)
+
+
+def _step_key(seed: int, step: int) -> int:
+    return int(np.random.default_rng((seed, step, 7)).integers(2**31))
+
+
+class GRPOStep:
+    """One synchronous GRPO step (sampling, scoring, filtering, minibatches, updates)."""
+
+    def __init__(self, cfg: RunConfig, trainer: Trainer, rewards, tokenizer):
+        from magistral_jax.rl.losses import get_variant
+        from magistral_jax.sampling import Sampler, SamplingParams
+
+        self.cfg, self.trainer, self.rewards, self.tokenizer = cfg, trainer, rewards, tokenizer
+        g = cfg.grpo
+        self.variant = get_variant(g.loss)
+        if self.variant.kl and not g.kl_coef:
+            raise ConfigError(f"grpo.kl_coef: the {g.loss} variant needs a KL coefficient > 0")
+        self.sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+        eos = tokenizer.eos_id if tokenizer is not None else 2
+        self.sampler = Sampler(trainer.model, stop_ids=(eos,))
+        self.ref_params = jax.tree.map(lambda x: x.copy(), trainer.model.params) if self.variant.kl else None
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
+
+    def __call__(self, examples: list[Example], step: int) -> dict[str, float]:
+        from magistral_jax.rl.losses import constant_groups
+
+        cfg, g = self.cfg, self.cfg.grpo
+        t0 = time.perf_counter()
+        prompts = [e.prompt for e in examples]
+        out = self.sampler.sample(
+            prompts,
+            max_new_tokens=g.max_new_tokens,
+            n=g.group_size,
+            sampling=self.sampling,
+            seed=_step_key(cfg.seed, step),
+        )
+        t1 = time.perf_counter()
+        rows = len(out.lengths)
+        groups = np.arange(rows) // g.group_size
+        completions = [out.completion(r) for r in range(rows)]
+        fields: dict[str, list[Any]] = {"completion_ids": completions}
+        for key in examples[0].fields:
+            fields[key] = [examples[r // g.group_size].fields[key] for r in range(rows)]
+        scored = self.rewards(
+            [self._text(prompts[r // g.group_size]) for r in range(rows)],
+            [self._text(c) for c in completions],
+            **fields,
+        )
+        rewards = np.asarray(scored.rewards, np.float64)
+        t2 = time.perf_counter()
+        lengths = np.asarray(out.lengths)
+        constant = constant_groups(rewards, groups)
+        keep = ~constant if self.variant.filter_constant_groups else np.ones(rows, bool)
+        metrics: dict[str, float] = {
+            "reward_mean": float(rewards.mean()),
+            **{f"reward_{k}": float(np.mean(v)) for k, v in scored.components.items()},
+            "filtered_groups_frac": float(constant.reshape(-1, g.group_size)[:, 0].mean())
+            if self.variant.filter_constant_groups
+            else 0.0,
+            "completion_len_mean": float(lengths.mean()),
+            "completion_len_max": float(lengths.max()),
+            "stopped_frac": float(np.mean([f == "stop" for f in out.finish_reasons])),
+        }
+        kept_groups = np.unique(groups[keep])
+        updates = []
+        longest = max(len(p) for p in prompts) + g.max_new_tokens
+        row_len = _row_len(cfg, longest)
+        saved = []
+        for part in np.array_split(kept_groups, min(g.minibatches, len(kept_groups))) if len(kept_groups) else []:
+            rows_in = np.flatnonzero(np.isin(groups, part))
+            adv, weights = self.variant.fn(rewards[rows_in], groups[rows_in], lengths[rows_in], g.max_new_tokens)
+            items = [
+                Item(
+                    tokens=prompts[r // g.group_size] + completions[r],
+                    loss_start=len(prompts[r // g.group_size]),
+                    weight=float(w),
+                    advantage=float(a),
+                    old_logprobs=out.logprobs[r, : lengths[r]].tolist(),
+                )
+                for r, a, w in zip(rows_in, adv, weights, strict=True)
+            ]
+            packing = pack(items, row_len, max(1, cfg.microbatch_tokens // row_len))
+            if self.ref_params is not None:
+                self._fill_reference(packing.microbatches)
+            saved.append(packing.padding_saved)
+            updates.append(self.trainer.train_step(packing.microbatches))
+        t3 = time.perf_counter()
+        trained = sum(u["trained_tokens"] for u in updates)
+        if updates:
+            for k in updates[0]:
+                metrics[k] = float(np.mean([u[k] for u in updates]))
+            metrics["padding_saved"] = float(np.mean(saved))
+        metrics.update(
+            updates=float(len(updates)),
+            trained_tokens=float(trained),
+            time_sampling=t1 - t0,
+            time_scoring=t2 - t1,
+            time_training=t3 - t2,
+            tokens_per_s=float(lengths.sum() + trained) / (t3 - t0),
+        )
+        return metrics
+
+    def _fill_reference(self, microbatches) -> None:
+        from magistral_jax.model.decoder import token_logprobs
+
+        model = self.trainer.model
+        fn = jax.jit(token_logprobs, static_argnames=("cfg", "temperature", "chunk"))
+        with model.mesh_context():
+            for mb in microbatches:
+                logp, _ = fn(
+                    self.ref_params,
+                    model.place_batch(mb.tokens),
+                    model.place_batch(mb.targets),
+                    model.cfg,
+                    positions=model.place_batch(mb.positions),
+                    segment_ids=model.place_batch(mb.segment_ids),
+                    temperature=self.cfg.grpo.temperature,
+                    chunk=self.cfg.logprob_chunk,
+                )
+                mb.ref_logprobs = np.where(mb.weights > 0, np.asarray(logp), 0.0).astype(np.float32)
+
+
+class SFTStep:
+    """One SFT step: cross-entropy on the answer tokens, mean over the batch's answer tokens."""
+
+    def __init__(self, cfg: RunConfig, trainer: Trainer):
+        self.cfg, self.trainer = cfg, trainer
+
+    def __call__(self, examples: list[Example], step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if any(e.answer is None for e in examples):
+            raise ConfigError("data: SFT needs examples with answers")
+        total = sum(len(e.answer) for e in examples)
+        items = [Item(tokens=e.prompt + e.answer, loss_start=len(e.prompt), weight=1.0 / total) for e in examples]
+        row_len = _row_len(self.cfg, max(len(i.tokens) for i in items))
+        packing = pack(items, row_len, max(1, self.cfg.microbatch_tokens // row_len))
+        metrics = self.trainer.train_step(packing.microbatches)
+        seconds = time.perf_counter() - t0
+        metrics.update(
+            padding_saved=packing.padding_saved,
+            time_training=seconds,
+            tokens_per_s=sum(len(i.tokens) for i in items) / seconds,
+        )
+        return metrics
+
+
+def run(cfg: RunConfig, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    """Trains (or resumes training) until `cfg.steps`; returns the last step's metrics."""
+    import yaml
+
+    from magistral_jax.rl.rewards import RewardPool
+    from magistral_jax.sharding import make_mesh, parse_mesh
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    mesh = make_mesh(**parse_mesh(cfg.mesh)) if cfg.mesh or len(jax.devices()) > 1 else None
+    model = build_model(cfg, mesh)
+    objective = Objective(
+        kind="sft" if cfg.kind == "sft" else "pg",
+        eps_low=cfg.grpo.eps_low,
+        eps_high=cfg.grpo.eps_high,
+        kl_coef=cfg.grpo.kl_coef,
+        temperature=cfg.grpo.temperature if cfg.kind == "grpo" else 1.0,
+    )
+    updates_per_step = cfg.grpo.minibatches if cfg.kind == "grpo" else 1
+    trainer = Trainer(
+        model,
+        cfg.optimizer,
+        objective,
+        total_steps=cfg.steps * updates_per_step,
+        chunk=cfg.logprob_chunk,
+        max_nonfinite=cfg.max_nonfinite,
+    )
+    source = make_source(cfg.data, cfg.seed)
+    checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints)
+    start = checkpoints.latest() or 0
+    if start:
+        state, meta = checkpoints.restore(start, trainer.state())
+        trainer.load_state(state)
+        source.restore(meta["data"])
+    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    log = MetricsLog(cfg.run_dir, start)
+    tokenizer = None
+    if cfg.tokenizer:
+        from magistral_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    rewards = (
+        RewardPool(
+            cfg.reward.get("name", ""), {k: v for k, v in cfg.reward.items() if k != "name"}, cfg.grpo.reward_workers
+        )
+        if cfg.kind == "grpo"
+        else None
+    )
+    step_fn = GRPOStep(cfg, trainer, rewards, tokenizer) if cfg.kind == "grpo" else SFTStep(cfg, trainer)
+    batch = cfg.grpo.prompts_per_step if cfg.kind == "grpo" else cfg.sft.batch_size
+    metrics: dict[str, float] = {}
+    try:
+        bar = tqdm(
+            range(start, cfg.steps),
+            initial=start,
+            total=cfg.steps,
+            desc=f"train {cfg.kind}",
+            unit="step",
+            disable=not progress,
+        )
+        for step in bar:
+            t0 = time.perf_counter()
+            metrics = step_fn(source.next(batch), step)
+            metrics["time_step"] = time.perf_counter() - t0
+            log.write(step + 1, metrics)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean") if k in metrics})
+            if on_step is not None:
+                on_step(step + 1, metrics)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                checkpoints.save(step + 1, trainer.state(), {"data": source.state(), "step": step + 1})
+    finally:
+        checkpoints.close()
+        log.close()
+        if rewards is not None:
+            rewards.close()
+    return metrics

@@ -1,0 +1,152 @@
+"""The train step: chunked log-probabilities, exact microbatch accumulation, sharding, SFT, guards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import magistral_jax as mj
+from magistral_jax.model import decoder
+from magistral_jax.model import params as P
+from magistral_jax.rl.losses import get_variant
+from magistral_jax.train.packing import Item, pack
+from magistral_jax.train.step import Objective, OptimizerConfig, Trainer, TrainingError, make_optimizer
+
+
+def _cfg(**changes):
+    base = mj.get_preset("tiny").replace(
+        **{"text.vocab_size": 128, "text.n_heads": 8, "text.n_kv_heads": 4, "text.head_dim": 16}
+    )
+    return base.replace(**changes)
+
+
+def _grpo_items(seed=0, groups=3, group_size=4):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=groups * group_size)
+    group_ids = np.repeat(np.arange(groups), group_size)
+    prompts = [rng.integers(3, 128, rng.integers(3, 7)).tolist() for _ in range(groups)]
+    completions = [rng.integers(3, 128, rng.integers(2, 10)).tolist() for _ in range(groups * group_size)]
+    lengths = np.array([len(c) for c in completions])
+    adv, weights = get_variant("magistral").fn(rewards, group_ids, lengths, 10)
+    return [
+        Item(
+            tokens=prompts[g] + c,
+            loss_start=len(prompts[g]),
+            weight=float(w),
+            advantage=float(a),
+            old_logprobs=rng.normal(-5.0, 0.1, len(c)).tolist(),
+        )
+        for g, c, a, w in zip(group_ids, completions, adv, weights, strict=True)
+    ]
+
+
+def test_chunked_logprobs_and_entropy_equal_the_full_softmax():
+    cfg = _cfg()
+    model = mj.init_model(cfg, 0)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 37)), jnp.int32)
+    targets = jnp.roll(tokens, -1, axis=1)
+    logp, entropy = decoder.token_logprobs(model.params, tokens, targets, cfg, temperature=0.7, chunk=8)
+    full = jax.nn.log_softmax(model.logits(np.asarray(tokens)) / 0.7)
+    np.testing.assert_allclose(logp, jnp.take_along_axis(full, targets[..., None], -1)[..., 0], atol=1e-5)
+    np.testing.assert_allclose(entropy, -jnp.sum(jnp.exp(full) * full, -1), atol=1e-5)
+
+    def chunked(p):
+        return decoder.token_logprobs(p, tokens, targets, cfg, chunk=8)[0].sum()
+
+    def dense(p):
+        logits = decoder.forward(p, tokens, cfg)[0]
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).sum()
+
+    for a, b in zip(
+        jax.tree.leaves(jax.grad(chunked)(model.params)), jax.tree.leaves(jax.grad(dense)(model.params)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_minibatch_gradient_does_not_depend_on_the_microbatch_split():
+    items = _grpo_items()
+    model = mj.init_model(_cfg(), 2)
+    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(), total_steps=10, chunk=8)
+    results = []
+    for rows in (1, 2, 16):
+        microbatches = pack(items, row_len=16, rows=rows).microbatches
+        grads, loss, sums = trainer.gradients(microbatches)
+        results.append((len(microbatches), float(loss), grads, sums["tokens"]))
+    assert results[0][0] > results[-1][0] == 1
+    for _, loss, grads, tokens in results[:-1]:
+        np.testing.assert_allclose(loss, results[-1][1], rtol=1e-5, atol=1e-8)
+        assert tokens == results[-1][3]
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(results[-1][2]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_sft_loss_is_the_mean_cross_entropy_of_the_answer_tokens():
+    cfg = _cfg()
+    model = mj.init_model(cfg, 3)
+    rng = np.random.default_rng(3)
+    examples = [(rng.integers(3, 128, 4).tolist(), rng.integers(3, 128, n).tolist()) for n in (3, 5, 2)]
+    total = sum(len(a) for _, a in examples)
+    items = [Item(tokens=p + a, loss_start=len(p), weight=1.0 / total) for p, a in examples]
+    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(kind="sft"), total_steps=1, chunk=8)
+    _, loss, _ = trainer.gradients(pack(items, row_len=16, rows=4).microbatches)
+    nll = []
+    for p, a in examples:
+        logp = jax.nn.log_softmax(model.logits(np.array([p + a])))[0]
+        nll += [-float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(a)]
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single_device_update():
+    cfg = _cfg(remat="full")
+    params = jax.device_get(mj.init_model(cfg, 4).params)
+    items = _grpo_items(seed=5, groups=4)
+    microbatches = pack(items, row_len=16, rows=8).microbatches
+    model = mj.Model(cfg, jax.device_put(params))
+    trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8)
+    grads = jax.device_get(trainer.gradients(microbatches)[0])
+    metrics = trainer.train_step(microbatches)
+    return cfg, params, microbatches, grads, jax.device_get(model.params), metrics
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
+def test_sharded_train_step_equals_single_device(single_device_update, shape):
+    cfg, params, microbatches, want_grads, want, want_metrics = single_device_update
+    mesh = mj.make_mesh(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    placed = jax.device_put(params, P.shardings(decoder.param_specs(cfg.text), mesh, cfg.rules))
+    model = mj.Model(cfg, placed, mesh)
+    trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8)
+    for a, b in zip(jax.tree.leaves(trainer.gradients(microbatches)[0]), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    metrics = trainer.train_step(microbatches)
+    # Adam divides by the gradients' own scale, so elements with near-zero gradients move by up to
+    # lr on rounding noise alone; the update agrees to a small fraction of lr.
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert model.params["layers"]["w1"].sharding == placed["layers"]["w1"].sharding
+    np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-5)
+
+
+def test_non_finite_updates_are_skipped_and_counted():
+    model = mj.init_model(_cfg(), 6)
+    before = jax.device_get(model.params)
+    trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8, max_nonfinite=2)
+    items = _grpo_items(seed=6)
+    items[0].advantage = float("nan")
+    microbatches = pack(items, row_len=16, rows=16).microbatches
+    metrics = trainer.train_step(microbatches)
+    assert metrics["skipped_nonfinite"] == 1.0 and metrics["nonfinite_total"] == 1.0 and trainer.step == 0
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TrainingError, match="2 non-finite updates in a row"):
+        trainer.train_step(microbatches)
+
+
+def test_schedule_warmup_and_cosine():
+    _, schedule = make_optimizer(OptimizerConfig(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 14)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 4)], [0.2, 0.6, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(9)), 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way through the decay
+    np.testing.assert_allclose(float(schedule(14)), 0.1, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"optimizer\.schedule"):
+        OptimizerConfig(schedule="linear")
