@@ -197,6 +197,20 @@ class Tokenizer:
         except Exception as e:
             raise TokenizerError(f"cannot encode the chat ({type(e).__name__}: {e})") from None
 
+    def encode_completion(self, text: str, eos: bool = True) -> list[int]:
+        """Ids of an assistant completion written as text: `[THINK]`/`[/THINK]` become the control
+        tokens (think-token style), everything else is plain text; the EOS closes it."""
+        ids: list[int] = []
+        parts = re.split(r"(\[THINK\]|\[/THINK\])", text) if self.style == "think_tokens" else [text]
+        for part in parts:
+            if part == THINK:
+                ids.append(self.think_id)
+            elif part == END_THINK:
+                ids.append(self.end_think_id)
+            elif part:
+                ids += self.raw.encode(part, False, False)
+        return [*ids, self.eos_id] if eos else ids
+
     def decode(self, ids: list[int], keep_special: bool = False) -> str:
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
@@ -280,3 +294,55 @@ def write_standin_tekken(path: str | os.PathLike[str]) -> str:
     with open(path, "w") as f:
         json.dump(d, f)
     return path
+
+
+class SubsetTokenizer:
+    """A tokenizer restricted to the ids a corpus uses, renumbered from 0 (for demo-size models).
+
+    Encodes with `base`, then maps each id to its rank among the kept ids; decodes the other way.
+    The control tokens of the chat format are always kept. An id outside the subset is an error.
+    """
+
+    def __init__(self, base: Tokenizer, ids: list[int]):
+        always = [base.bos_id, base.eos_id, 3, 4, 17, 18]
+        if base.think_id is not None:
+            always += [base.think_id, base.end_think_id]
+        self.base = base
+        self.to_base = sorted(set(ids) | set(always))
+        self.to_small = {i: k for k, i in enumerate(self.to_base)}
+        self.style = base.style
+        self.think_id = self.to_small.get(base.think_id) if base.think_id is not None else None
+        self.end_think_id = self.to_small.get(base.end_think_id) if base.end_think_id is not None else None
+
+    def _small(self, ids: list[int]) -> list[int]:
+        try:
+            return [self.to_small[i] for i in ids]
+        except KeyError as e:
+            raise TokenizerError(f"token id {e.args[0]} is outside this subset of {len(self.to_base)} ids") from None
+
+    @property
+    def bos_id(self) -> int:
+        return self.to_small[self.base.bos_id]
+
+    @property
+    def eos_id(self) -> int:
+        return self.to_small[self.base.eos_id]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.to_base)
+
+    def default_system_prompt(self) -> str:
+        return self.base.default_system_prompt()
+
+    def encode_chat(self, messages: list[dict[str, str]] | str, system_prompt: str | None = None) -> list[int]:
+        return self._small(self.base.encode_chat(messages, system_prompt))
+
+    def encode_completion(self, text: str, eos: bool = True) -> list[int]:
+        return self._small(self.base.encode_completion(text, eos))
+
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        return self.base.decode([self.to_base[int(i)] for i in ids], keep_special)
+
+    def split(self, ids: list[int], strip: bool = True) -> Reasoning:
+        return self.base.split([self.to_base[int(i)] for i in ids], strip)

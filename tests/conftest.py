@@ -8,3 +8,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tekken_checkpoint(tmp_path_factory):
+    """A tiny random HF checkpoint whose vocabulary takes every Tekken id, with the v13 stand-in
+    tokenizer beside it."""
+    import hf_reference as R
+
+    from magistral_jax.tokenizer import write_standin_tekken
+
+    directory = tmp_path_factory.mktemp("tekken-ckpt")
+    R.causal_lm(seed=4, vocab=131072, dim=32, layers=1, heads=4, kv_heads=2, head_dim=8, hidden=48).save_pretrained(
+        directory
+    )
+    write_standin_tekken(directory / "tekken.json")
+    return directory

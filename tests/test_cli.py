@@ -1,53 +1,48 @@
 """The `magistral-jax` entry point and the demo, run as a user would (fresh processes)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_cli
 
 from magistral_jax.cli import build_parser
 
 
-def _run(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run(
-        [sys.executable, "-m", "magistral_jax", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
 def test_help_lists_the_commands():
-    out = _run("--help")
+    out = run_cli("--help")
     assert out.returncode == 0
-    assert "demo" in out.stdout
-    sub = _run("demo", "--help")
-    assert sub.returncode == 0 and "--steps" in sub.stdout and "simulated CPU devices" in sub.stdout
+    for command in ("demo", "convert", "generate", "train", "score", "eval", "filter", "bench"):
+        assert f"\n    {command} " in out.stdout
+    sub = run_cli("demo", "--help")
+    assert sub.returncode == 0 and "--grpo-steps" in sub.stdout and "simulated CPU devices" in sub.stdout
 
 
 def test_no_command_prints_help_and_fails():
-    out = _run()
+    out = run_cli()
     assert out.returncode == 2 and "usage: magistral-jax" in out.stdout
 
 
-def test_bad_arguments_are_refused():
+def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "--steps", "many"])
-    out = _run("demo", "--steps", "0")
-    assert out.returncode != 0 and "must be positive" in out.stderr
+        build_parser().parse_args(["demo", "--grpo-steps", "many"])
+    out = run_cli("demo", "--sft-steps", "0")
+    assert out.returncode != 0 and "--sft-steps must be positive" in out.stderr
+    (tmp_path / "sft").mkdir()
+    out = run_cli("demo", "--out", tmp_path)
+    assert out.returncode != 0 and "holds a previous demo run" in out.stderr
 
 
-def test_demo_learns_and_writes_its_outputs(tmp_path):
-    out = _run("demo", "--steps", "150", "--batch", "32", "--out", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "of 8 cpu devices" in out.stdout
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 150
-    # Uniform guessing over the 256-token vocabulary costs ln(256) = 5.55 nats per answer token;
-    # after 150 steps the model must have learnt most of the structure.
-    assert sum(losses[:10]) / 10 > 4.0
-    assert sum(losses[-10:]) / 10 < 1.5
-    assert (tmp_path / "loss.png").stat().st_size > 1000
-    # The sampler's log-probabilities must be those of a teacher-forced forward.
-    line = next(s for s in out.stdout.splitlines() if "sampler vs teacher-forced forward" in s)
-    assert float(line.rsplit("=", 1)[1]) < 1e-3
+def test_demo_improves_held_out_accuracy_with_grpo(tmp_path):
+    # The demo, shortened (half the GRPO steps, half the held-out problems).
+    out = run_cli("demo", "--grpo-steps", 30, "--eval-problems", 8, "--out", tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    before, after = report["before_grpo"], report["after_grpo"]
+    # The SFT start has learnt the format, not yet to avoid the cold start's mistakes.
+    assert before["format"] > 0.9
+    assert after["pass@1"] > before["pass@1"] + 0.08, (before, after)
+    assert after["language"] > before["language"] + 0.08, (before, after)
+    assert "accuracy" in out.stdout and "after GRPO" in out.stdout
+    rewards = [json.loads(line)["reward_mean"] for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
+    assert len(rewards) == 30
+    assert (tmp_path / "reward.png").stat().st_size > 1000

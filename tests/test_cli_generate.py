@@ -1,43 +1,23 @@
 """`magistral-jax generate` end to end on a tiny model with the Tekken v13 stand-in tokenizer."""
 
 import json
-import os
-import subprocess
-import sys
 
 import hf_reference as R
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from magistral_jax.tokenizer import load_tokenizer, write_standin_tekken
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckpt")
-    # The Tekken vocabulary has 131072 ids: the model must accept all of them.
-    R.causal_lm(seed=4, vocab=131072, dim=32, layers=1, heads=4, kv_heads=2, head_dim=8, hidden=48).save_pretrained(
-        directory
-    )
-    write_standin_tekken(directory / "tekken.json")
-    return directory
-
-
 def _generate(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run(
-        [sys.executable, "-m", "magistral_jax", "generate", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    return run_cli("generate", *args, timeout=timeout)
 
 
-def test_json_samples(checkpoint):
+def test_json_samples(tekken_checkpoint):
     out = _generate(
         "--checkpoint",
-        str(checkpoint),
+        str(tekken_checkpoint),
         "--prompt",
         "Hello",
         "--max-new-tokens",
@@ -53,7 +33,7 @@ def test_json_samples(checkpoint):
     assert out.returncode == 0, out.stderr[-2000:]
     records = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(records) == 2
-    tokenizer = load_tokenizer(checkpoint)
+    tokenizer = load_tokenizer(tekken_checkpoint)
     for r in records:
         assert set(r) == {"tokens", "text", "thinking", "answer", "logprobs", "finish_reason"}
         assert len(r["tokens"]) == len(r["logprobs"]) <= 5
@@ -62,10 +42,10 @@ def test_json_samples(checkpoint):
         assert all(lp <= 0 for lp in r["logprobs"])
 
 
-def test_streaming_text_and_speed_line(checkpoint):
+def test_streaming_text_and_speed_line(tekken_checkpoint):
     out = _generate(
         "--checkpoint",
-        str(checkpoint),
+        str(tekken_checkpoint),
         "--prompt",
         "Hi there",
         "--max-new-tokens",
@@ -95,15 +75,15 @@ def test_streaming_text_and_speed_line(checkpoint):
         (["--prompt", "x " * 200, "--max-new-tokens", "131000"], "exceeds the model's context"),
     ],
 )
-def test_bad_input(checkpoint, args, message):
-    out = _generate("--checkpoint", str(checkpoint), "--dtype", "float32", *args)
+def test_bad_input(tekken_checkpoint, args, message):
+    out = _generate("--checkpoint", str(tekken_checkpoint), "--dtype", "float32", *args)
     assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
 
 
-def test_missing_checkpoint_or_tokenizer(checkpoint, tmp_path):
+def test_missing_checkpoint_or_tokenizer(tekken_checkpoint, tmp_path):
     out = _generate("--checkpoint", str(tmp_path / "nope"), "--prompt", "x")
     assert out.returncode == 1 and "not a directory" in out.stderr
-    out = _generate("--checkpoint", str(checkpoint), "--prompt", "x", "--tokenizer", str(tmp_path / "t.json"))
+    out = _generate("--checkpoint", str(tekken_checkpoint), "--prompt", "x", "--tokenizer", str(tmp_path / "t.json"))
     assert out.returncode == 1 and "no such tokenizer file" in out.stderr
 
 
@@ -117,7 +97,7 @@ def vision_checkpoint(tmp_path_factory):
     return directory
 
 
-def test_images(vision_checkpoint, checkpoint, tmp_path):
+def test_images(vision_checkpoint, tekken_checkpoint, tmp_path):
     from PIL import Image
 
     image = tmp_path / "cat.png"
@@ -142,5 +122,5 @@ def test_images(vision_checkpoint, checkpoint, tmp_path):
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out = _generate("--checkpoint", str(vision_checkpoint), "--image", str(corrupt), *args)
     assert out.returncode == 1 and "broken.png: not a readable image" in out.stderr
-    out = _generate("--checkpoint", str(checkpoint), "--image", str(image), *args)
+    out = _generate("--checkpoint", str(tekken_checkpoint), "--image", str(image), *args)
     assert out.returncode == 1 and "has no vision encoder" in out.stderr

@@ -1,180 +1,265 @@
-"""`magistral-jax demo`: an end-to-end run of the decoder on the CPU in about a minute.
+"""`magistral-jax demo`: a tiny model learns to reason in the Magistral format, on the CPU, in minutes.
 
-Until the SFT + GRPO trainer lands, the demo trains the tiny preset to reverse digit strings
-with plain next-token cross-entropy, sharded over a simulated 8-device mesh (data x fsdp x tensor),
-then answers held-out prompts with the KV-cache sampler (greedy), checks that the sampler's
-log-probabilities equal a teacher-forced forward's, and writes a loss plot and metrics.
+1. Data: generated multilingual math problems (arithmetic in English, French, Spanish, Italian,
+   German, Chinese and Russian) with worked traces in the Magistral format
+   (`[THINK]...[/THINK]... \\boxed{}`), tokenized with the Tekken v13 stand-in; the model's
+   vocabulary is the subset of Tekken ids the problems use.
+2. SFT cold start on the traces. They are imperfect on purpose, as distilled traces are: half of
+   them box a number of the problem instead of the result their reasoning reached, and 30% reason
+   in English whatever the problem's language.
+3. GRPO with the real Magistral reward (format, math-verify correctness, length, language
+   consistency) on problems the SFT never saw: it has to unlearn both mistakes.
+4. Evaluation before and after GRPO on held-out problems, as the paper evaluates (pass@1 averaged
+   over samples at temperature 0.7): a table of accuracy, format rate, language consistency and
+   mean length, the reward curve as a PNG, and the metrics of both
+   runs (`sft/`, `grpo/` with metrics.jsonl and TensorBoard events).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import random
+import re
 import time
-
-BOS, EOS, SEP = 1, 2, 4  # <s>, </s>, [/INST]
-DIGIT0 = 48  # digit d is token 48 + d
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train a tiny model on the CPU and decode with the KV cache (the embedded default job)",
+        help="a tiny model learns to reason with SFT then GRPO on the CPU (the embedded default job)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
-    p.add_argument("--batch", type=int, default=64, help="sequences per step (default 64)")
+    p.add_argument("--sft-steps", type=int, default=150, help="SFT steps (default 150)")
+    p.add_argument("--grpo-steps", type=int, default=60, help="GRPO steps (default 60)")
+    p.add_argument("--eval-problems", type=int, default=16, help="held-out problems per language (default 16)")
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out; must not hold a run)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--devices",
         type=int,
-        default=8,
-        help="simulated CPU devices when running on the CPU (default 8; 1 = no simulation)",
+        default=1,
+        help="simulated CPU devices for a data x fsdp mesh when running on the CPU (default 1)",
     )
-    p.add_argument("--out", default="demo_out", help="directory for loss.png and metrics.jsonl (default demo_out)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(run=run)
 
 
 def simulate_devices(n: int) -> None:
-    # Must happen before the first JAX computation creates the CPU client.
-    flag = f"--xla_force_host_platform_device_count={n}"
+    """Asks XLA for `n` CPU devices; must happen before the first JAX computation."""
     flags = os.environ.get("XLA_FLAGS", "")
     if n > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-def _examples(rng, n: int, min_len: int = 3, max_len: int = 8):
-    """Prompts `<s> digits [/INST]` and answers `reversed digits </s>`."""
+LEVELS = (1, 3)  # one-digit addition and multiplication
+# The cold-start traces are imperfect, as distilled traces are: in some the boxed answer repeats
+# a number of the problem instead of the result the reasoning reached, in some the reasoning is in
+# English whatever the problem's language. GRPO with the verifier and the language reward has
+# to unlearn both.
+WRONG_ANSWER_RATE, ENGLISH_THINKING_RATE = 0.5, 0.3
+
+
+def make_problems(seed: int, per_language: int):
+    from magistral_jax.data.generated import LANGUAGES, math_problem
+    from magistral_jax.data.problems import Problem
+
+    rng = random.Random(seed)
     out = []
-    for _ in range(n):
-        digits = list(rng.integers(0, 10, rng.integers(min_len, max_len + 1)))
-        prompt = [BOS, *(DIGIT0 + d for d in digits), SEP]
-        answer = [*(DIGIT0 + d for d in reversed(digits)), EOS]
-        out.append((prompt, answer))
+    for k in range(per_language):
+        for language in LANGUAGES:
+            row = math_problem(rng, language, LEVELS[k % len(LEVELS)])
+            out.append(
+                Problem(
+                    id=f"demo-{seed}-{language}-{k}",
+                    problem=row["problem"],
+                    answer=row["answer"],
+                    language=language,
+                    level=row["level"],
+                    trace=row["trace"],
+                )
+            )
     return out
 
 
-def _training_batch(examples, seq_len: int):
-    """Right-padded tokens, targets, loss weights (answer tokens only) and segment ids."""
-    import numpy as np
+def cold_start_trace(p, rng: random.Random) -> str:
+    """`p`'s trace, with the cold start's deliberate mistakes at their rates."""
+    from magistral_jax.data.generated import ANSWER, SAY_ADD, SAY_MUL
 
-    b = len(examples)
-    tokens = np.zeros((b, seq_len), np.int32)
-    targets = np.zeros((b, seq_len), np.int32)
-    weights = np.zeros((b, seq_len), np.float32)
-    segments = np.zeros((b, seq_len), np.int32)
-    for i, (prompt, answer) in enumerate(examples):
-        seq = prompt + answer
-        tokens[i, : len(seq) - 1] = seq[:-1]
-        targets[i, : len(seq) - 1] = seq[1:]
-        weights[i, len(prompt) - 1 : len(seq) - 1] = 1.0
-        segments[i, : len(seq) - 1] = 1
-    return tokens, targets, weights, segments
+    a, b = (int(x) for x in re.findall(r"\d+", p.problem)[:2])
+    think = (SAY_ADD if p.level == 1 else SAY_MUL)[
+        "english" if rng.random() < ENGLISH_THINKING_RATE else p.language
+    ].format(a=a, b=b, r=p.answer)
+    boxed = a if rng.random() < WRONG_ANSWER_RATE else p.answer
+    return f"[THINK]{think}[/THINK]{ANSWER[p.language].format(r=boxed)}"
+
+
+EVAL_SAMPLES, EVAL_TEMPERATURE = 4, 0.7
+
+
+def evaluate(model, tokenizer, problems, seed: int) -> dict:
+    """The paper's protocol, small: pass@1 averaged over `EVAL_SAMPLES` samples per problem at
+    temperature 0.7, scored by the Magistral reward."""
+    from magistral_jax.evaluation import sample_and_score, summarize
+    from magistral_jax.sampling import SamplingParams
+
+    samples = sample_and_score(
+        model,
+        tokenizer,
+        problems,
+        k=EVAL_SAMPLES,
+        max_new_tokens=64,
+        sampling=SamplingParams(temperature=EVAL_TEMPERATURE),
+        seed=seed,
+        batch_problems=len(problems),
+        progress=False,
+    )
+    return summarize(problems, samples, EVAL_SAMPLES)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.batch < 1 or args.devices < 1:
-        raise SystemExit("demo: --steps, --batch and --devices must be positive")
+    for name in ("sft_steps", "grpo_steps", "eval_problems", "devices"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if os.path.exists(os.path.join(args.out, "sft")) or os.path.exists(os.path.join(args.out, "grpo")):
+        raise ValueError(f"{args.out}: holds a previous demo run; remove it or pass --out")
     simulate_devices(args.devices)
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from tqdm.auto import tqdm
 
-    from magistral_jax import get_preset, init_model, make_mesh
-    from magistral_jax.model import decoder
+    from magistral_jax import init_model, make_mesh
+    from magistral_jax.data.problems import ProblemSource
+    from magistral_jax.data.procedural import Example
+    from magistral_jax.data.sources import problem_fields
+    from magistral_jax.tokenizer import SubsetTokenizer, load_tokenizer, write_standin_tekken
+    from magistral_jax.train.config import GRPOConfig, RunConfig, SFTConfig
+    from magistral_jax.train.loop import run as train
+    from magistral_jax.train.step import OptimizerConfig
 
-    cfg = get_preset("tiny")
-    n_dev = len(jax.devices())
-    tensor = 2 if n_dev % 2 == 0 and n_dev >= 4 else 1
-    data = 2 if n_dev % (2 * tensor) == 0 and n_dev >= 2 * tensor else 1
-    mesh = make_mesh(data=data, fsdp=-1, tensor=tensor)
-    print(
-        f"demo: tiny decoder ({cfg.text.n_layers} layers, dim {cfg.text.dim}) on a mesh "
-        f"{dict(mesh.shape)} of {n_dev} {jax.default_backend()} devices"
-    )
-    print("demo: task = reverse a string of 3-8 digits (SFT + GRPO arrive with the training issue)")
-    rng = np.random.default_rng(args.seed)
-    model = init_model(cfg, args.seed, mesh=mesh)
-    seq_len = 1 + 8 + 1 + 8 + 1
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, min(50, args.steps), args.steps, 3e-4)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-
-    def loss_fn(params, tokens, targets, weights, segments):
-        logits, _ = decoder.forward(params, tokens, cfg, segment_ids=segments)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * weights) / jnp.sum(weights)
-
-    @jax.jit
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params = model.params
-    losses = []
     start = time.perf_counter()
-    with model.mesh_context():
-        opt_state = opt.init(params)
-        for _ in (bar := tqdm(range(args.steps), desc="training", unit="step", mininterval=1.0)):
-            batch = tuple(model.place_batch(x) for x in _training_batch(_examples(rng, args.batch), seq_len))
-            params, opt_state, loss = train_step(params, opt_state, batch)
-            losses.append(float(loss))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    train_s = time.perf_counter() - start
-    model.params = params
-
-    accuracy, max_diff = _evaluate(model, _examples(np.random.default_rng(args.seed + 1), 64))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-        for step, loss in enumerate(losses):
-            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
-    plot = _plot(losses, os.path.join(args.out, "loss.png"))
-    print(f"demo: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {args.steps} steps ({train_s:.1f} s)")
-    print(f"demo: held-out exact-match accuracy {accuracy:.0%} (64 prompts, greedy, KV-cache sampler)")
-    print(f"demo: sampler vs teacher-forced forward, max |logprob diff| = {max_diff:.2e}")
-    print(f"demo: wrote {plot} and {os.path.join(args.out, 'metrics.jsonl')}")
+    noise = random.Random(args.seed)
+    sft_set = [dataclasses.replace(p, trace=cold_start_trace(p, noise)) for p in make_problems(args.seed * 3 + 1, 200)]
+    grpo_set = make_problems(args.seed * 3 + 2, 200)
+    eval_set = make_problems(args.seed * 3 + 3, args.eval_problems)
+    base = load_tokenizer(write_standin_tekken(os.path.join(args.out, "tekken.json")))
+    corpus = []
+    for p in sft_set + grpo_set + eval_set:
+        corpus += base.encode_chat(p.problem) + base.encode_completion(p.trace)
+    tokenizer = SubsetTokenizer(base, corpus)
+    from magistral_jax import get_preset
+
+    cfg = get_preset("tiny").replace(
+        **{
+            "name": "demo",
+            "text.vocab_size": tokenizer.vocab_size,
+            "text.dim": 128,
+            "text.n_layers": 4,
+            "text.n_heads": 4,
+            "text.n_kv_heads": 2,
+            "text.head_dim": 32,
+            "text.hidden_dim": 384,
+        }
+    )
+    n_dev = len(jax.devices())
+    mesh = make_mesh(data=2 if n_dev % 2 == 0 and n_dev > 1 else 1, fsdp=-1) if n_dev > 1 else None
+    model = init_model(cfg, args.seed, mesh=mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(model.params))
+    print(
+        f"demo: a {n_params / 1e6:.1f}M-parameter decoder ({cfg.text.n_layers} layers, dim {cfg.text.dim}, "
+        f"{tokenizer.vocab_size} Tekken ids) on {n_dev} {jax.default_backend()} device(s)"
+    )
+    print(
+        "demo: task = one-digit addition and multiplication word problems in 7 languages, answered as "
+        "[THINK]reasoning[/THINK]answer \\boxed{n}"
+    )
+
+    def encoder(with_trace: bool):
+        def encode(p) -> Example:
+            answer = tokenizer.encode_completion(p.trace) if with_trace else None
+            return Example(tokenizer.encode_chat(p.problem), answer, problem_fields(p))
+
+        return encode
+
+    sft = RunConfig(
+        kind="sft",
+        run_dir=os.path.join(args.out, "sft"),
+        steps=args.sft_steps,
+        checkpoint_every=args.sft_steps,
+        keep_checkpoints=1,
+        seed=args.seed,
+        microbatch_tokens=4096,
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=10, schedule="cosine", weight_decay=0.01),
+        sft=SFTConfig(batch_size=32),
+    )
+    print(f"demo: SFT cold start, {args.sft_steps} steps on worked traces")
+    train(sft, tokenizer=tokenizer, source=ProblemSource(sft_set, encoder(True), seed=args.seed), model=model)
+    before = evaluate(model, tokenizer, eval_set, args.seed)
+
+    grpo = RunConfig(
+        kind="grpo",
+        run_dir=os.path.join(args.out, "grpo"),
+        steps=args.grpo_steps,
+        checkpoint_every=args.grpo_steps,
+        keep_checkpoints=1,
+        seed=args.seed,
+        microbatch_tokens=4096,
+        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=5),
+        grpo=GRPOConfig(
+            loss="magistral",
+            eps_low=0.2,
+            eps_high=0.28,
+            group_size=8,
+            prompts_per_step=16,
+            max_new_tokens=40,
+            temperature=1.0,
+            reward_workers=0,
+        ),
+        reward={"name": "magistral", "style": "think_tokens"},
+    )
+    print(f"demo: GRPO, {args.grpo_steps} steps with the Magistral reward on unseen problems")
+    train(grpo, tokenizer=tokenizer, source=ProblemSource(grpo_set, encoder(False), seed=args.seed), model=model)
+    after = evaluate(model, tokenizer, eval_set, args.seed)
+
+    with open(os.path.join(args.out, "grpo", "metrics.jsonl")) as f:
+        rewards = [json.loads(line)["reward_mean"] for line in f]
+    plot = _plot(rewards, os.path.join(args.out, "reward.png"))
+    report = {"before_grpo": before, "after_grpo": after, "seconds": time.perf_counter() - start}
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(
+        f"\nheld-out problems: {len(eval_set)} ({args.eval_problems} per language), {EVAL_SAMPLES} samples each "
+        f"at temperature {EVAL_TEMPERATURE}"
+    )
+    print(f"{'':<22}{'after SFT':>12}{'after GRPO':>12}")
+    for key, label in (
+        ("pass@1", "accuracy"),
+        ("format", "format rate"),
+        ("language", "language consistency"),
+        ("length", "mean length"),
+    ):
+        fmt = "{:>12.1f}" if key == "length" else "{:>12.0%}"
+        print(f"{label:<22}" + fmt.format(before[key]) + fmt.format(after[key]))
+    print(
+        f"\ndemo: wrote {plot}, {os.path.join(args.out, 'report.json')} and the runs in {args.out}/sft, "
+        f"{args.out}/grpo ({report['seconds']:.0f} s)"
+    )
     return 0
 
 
-def _evaluate(model, examples):
-    """Greedy answers from the KV-cache sampler; returns exact-match accuracy and the largest
-    difference between the sampler's log-probabilities and a teacher-forced forward's."""
-    import jax
-    import numpy as np
-
-    from magistral_jax.sampling import GREEDY, Sampler
-
-    out = Sampler(model, stop_ids=(EOS,)).sample(
-        [p for p, _ in examples], max_new_tokens=max(len(a) for _, a in examples), sampling=GREEDY
-    )
-    correct, worst = 0, 0.0
-    for i, (prompt, answer) in enumerate(examples):
-        completion = out.completion(i)
-        correct += completion == answer
-        logits = np.asarray(model.logits(np.array([prompt + completion])))[0, len(prompt) - 1 : -1]
-        forced = np.asarray(jax.nn.log_softmax(logits, axis=-1))[np.arange(len(completion)), completion]
-        worst = max(worst, float(np.max(np.abs(forced - out.raw_logprobs[i, : len(completion)]))))
-    return correct / len(examples), worst
-
-
-def _plot(losses, path: str) -> str:
+def _plot(rewards: list[float], path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(losses)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("answer-token cross-entropy")
-    ax.set_title("magistral-jax demo: tiny decoder learns to reverse digits")
+    ax.plot(range(1, len(rewards) + 1), rewards)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward (max 1.1)")
+    ax.set_title("magistral-jax demo: GRPO with the Magistral reward")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "object per sample instead."
         ),
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (any format load_model reads)")
+    add_checkpoint_options(p)
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument(
         "--image",
@@ -30,13 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="an image shown with the prompt (repeat for several; needs a checkpoint with a vision encoder)",
     )
-    p.add_argument(
-        "--system-prompt",
-        default="default",
-        help="'default' (the checkpoint's SYSTEM_PROMPT.txt if it has one, else the model family's "
-        "published prompt), 'none', or a text file",
-    )
-    p.add_argument("--tokenizer", help="tokenizer file (default: tekken.json or tokenizer.model* in the checkpoint)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7, as the model cards)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
@@ -44,8 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024, help="completion budget (default 1024)")
     p.add_argument("--n", type=int, default=1, help="samples (default 1; more than one are printed at the end)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default bfloat16)")
-    p.add_argument("--mesh", default="", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: one device)")
     p.add_argument("--chunk", type=int, default=8, help="tokens per streamed chunk (default 8)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample instead of streaming text")
     p.set_defaults(run=run)
@@ -64,6 +55,56 @@ def _system_prompt(choice: str, checkpoint: str, tokenizer) -> str | None:
         raise ValueError(f"--system-prompt: {choice!r} is neither default, none nor an existing file")
     with open(choice) as f:
         return f.read()
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """The options that pick a checkpoint, its tokenizer and system prompt, and how to hold it."""
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory: any format load_model reads, or a training run directory (latest checkpoint)",
+    )
+    p.add_argument(
+        "--system-prompt",
+        default="default",
+        help="'default' (the checkpoint's SYSTEM_PROMPT.txt if it has one, else the model family's "
+        "published prompt), 'none', or a text file",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer file (default: tekken.json or tokenizer.model* in the checkpoint, or the run config's)",
+    )
+    p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default bfloat16)")
+    p.add_argument("--mesh", default="", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: one device)")
+
+
+def open_for_sampling(args: argparse.Namespace):
+    """(model, tokenizer, system prompt) from the options of `add_checkpoint_options`."""
+    from magistral_jax import load_model
+    from magistral_jax.sharding import make_mesh, parse_mesh
+    from magistral_jax.tokenizer import load_tokenizer
+    from magistral_jax.train.loop import is_run_dir, load_run_model
+
+    if not os.path.isdir(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: not a directory")
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    tokenizer_path = args.tokenizer
+    if is_run_dir(args.checkpoint):
+        from magistral_jax.train.config import load_run_config
+
+        tokenizer_path = tokenizer_path or load_run_config(os.path.join(args.checkpoint, "config.yaml")).tokenizer
+        if tokenizer_path is None:
+            raise ValueError(f"{args.checkpoint}: the run config names no tokenizer; pass --tokenizer FILE")
+        model = load_run_model(args.checkpoint)
+    else:
+        model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    tokenizer = load_tokenizer(tokenizer_path or args.checkpoint)
+    if tokenizer.vocab_size > model.cfg.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.cfg.text.vocab_size}: "
+            "they do not belong together"
+        )
+    return model, tokenizer, _system_prompt(args.system_prompt, args.checkpoint, tokenizer)
 
 
 class _Printer:
@@ -113,19 +154,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "n", "chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: a positive integer is expected")
-    if not os.path.isdir(args.checkpoint):
-        raise ValueError(f"--checkpoint {args.checkpoint}: not a directory")
-
-    from magistral_jax import load_model
     from magistral_jax.images import load_image
-    from magistral_jax.sharding import make_mesh, parse_mesh
-    from magistral_jax.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-    system = _system_prompt(args.system_prompt, args.checkpoint, tokenizer)
     images = [load_image(path) for path in args.image]
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
-    model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    model, tokenizer, system = open_for_sampling(args)
     if images and model.cfg.vision is None:
         raise ValueError(f"--image: {args.checkpoint} has no vision encoder")
     if images:
@@ -133,11 +165,6 @@ def run(args: argparse.Namespace) -> int:
         image_inputs = [pixels]
     else:
         prompt, image_inputs = tokenizer.encode_chat(args.prompt, system), None
-    if tokenizer.vocab_size > model.cfg.text.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.cfg.text.vocab_size}: "
-            "they do not belong together"
-        )
     sampler = Sampler(model, stop_ids=(tokenizer.eos_id,))
     start = time.perf_counter()
     if args.json or args.n > 1:

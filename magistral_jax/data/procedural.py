@@ -81,15 +81,3 @@ class ReverseDigits(Source):
 
 
 SOURCES: dict[str, type[Source]] = {"random_prompts": RandomPrompts, "reverse_digits": ReverseDigits}
-
-
-def make_source(spec: dict[str, Any], seed: int) -> Source:
-    """A source from a config section `{name: ..., **arguments}`."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name not in SOURCES:
-        raise ValueError(f"data.name: {name!r} is not a data source; known: {', '.join(SOURCES)}")
-    try:
-        return SOURCES[name](seed=seed, **spec)
-    except TypeError as e:
-        raise ValueError(f"data ({name}): {e}") from None

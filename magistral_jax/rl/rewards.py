@@ -48,6 +48,8 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
+    if name not in REWARDS:
+        import magistral_jax.rl.magistral_rewards  # noqa: F401  (registers `magistral`)
     try:
         return REWARDS[name]
     except KeyError:

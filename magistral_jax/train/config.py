@@ -32,6 +32,10 @@ class GRPOConfig:
     top_k: int = 0
     minibatches: int = 1  # optimizer updates per batch (each on whole groups)
     reward_workers: int = 2
+    # What must vary within a group for it to be kept: the total reward, or one of its components
+    # (e.g. `correct`: shaped rewards such as length or language then do not keep all-wrong or
+    # all-right groups alive, as DAPO's filtering on accuracy).
+    filter_metric: str = "reward"
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ class RunConfig:
       kind: `grpo` or `sft`.
       model: preset name or YAML model config (ignored when `init_from` is set, except overrides).
       model_overrides: `ModelConfig` fields to change (`remat`, `dtype`, `text.n_layers`, ...).
-      init_from: checkpoint directory to start from (any format `load_model` reads), or None for
-        random parameters drawn with `seed`.
+      init_from: checkpoint directory to start from (any format `load_model` reads, or a training
+        run directory: its latest checkpoint), or None for random parameters drawn with `seed`.
       param_dtype: master weights and optimizer state dtype (compute follows the model config).
       run_dir: where checkpoints, metrics.jsonl and TensorBoard events go.
       steps: optimizer steps of the whole run (a resumed run continues up to it).

@@ -31,7 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from magistral_jax.config import ConfigError, ModelConfig, flatten_model_fields, get_preset, read_config
-from magistral_jax.data.procedural import Example, make_source
+from magistral_jax.data.procedural import Example
+from magistral_jax.data.sources import make_source
 from magistral_jax.train.config import RunConfig, to_dict
 from magistral_jax.train.packing import Item, pack
 from magistral_jax.train.step import Objective, Trainer
@@ -56,13 +57,65 @@ def build_model(cfg: RunConfig, mesh):
     from magistral_jax.api import init_model, load_model
 
     if cfg.init_from:
-        model = load_model(cfg.init_from, mesh=mesh, dtype=None)
+        # A training run directory (an SFT cold start, say) or any checkpoint load_model reads.
+        if is_run_dir(cfg.init_from):
+            model = load_run_model(cfg.init_from)
+        else:
+            model = load_model(cfg.init_from, mesh=mesh, dtype=None)
         model.cfg = model.cfg.replace(**_overrides(cfg))
         if model.cfg.param_dtype != cfg.param_dtype:
             model.params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), model.params)
             model.cfg = model.cfg.replace(param_dtype=cfg.param_dtype)
         return model
     return init_model(_model_config(cfg).replace(param_dtype=cfg.param_dtype), cfg.seed, mesh=mesh)
+
+
+def build_trainer(cfg: RunConfig, model=None) -> Trainer:
+    """The trainer of a run, around `model` or the model the config builds."""
+    from magistral_jax.sharding import make_mesh, parse_mesh
+
+    if model is None:
+        mesh = make_mesh(**parse_mesh(cfg.mesh)) if cfg.mesh or len(jax.devices()) > 1 else None
+        model = build_model(cfg, mesh)
+    objective = Objective(
+        kind="sft" if cfg.kind == "sft" else "pg",
+        eps_low=cfg.grpo.eps_low,
+        eps_high=cfg.grpo.eps_high,
+        kl_coef=cfg.grpo.kl_coef,
+        temperature=cfg.grpo.temperature if cfg.kind == "grpo" else 1.0,
+    )
+    updates_per_step = cfg.grpo.minibatches if cfg.kind == "grpo" else 1
+    return Trainer(
+        model,
+        cfg.optimizer,
+        objective,
+        total_steps=cfg.steps * updates_per_step,
+        chunk=cfg.logprob_chunk,
+        max_nonfinite=cfg.max_nonfinite,
+    )
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_run_model(run_dir: str):
+    """The model of a training run directory at its latest checkpoint (the run's whole train
+    state is restored, so this suits models whose optimizer state fits; export larger ones)."""
+    from magistral_jax.train.config import load_run_config
+
+    cfg = load_run_config(os.path.join(run_dir, "config.yaml"))
+    checkpoints = Checkpoints(run_dir, cfg.keep_checkpoints)
+    try:
+        step = checkpoints.latest()
+        if step is None:
+            raise ConfigError(f"{run_dir}: the run has no checkpoint yet")
+        trainer = build_trainer(cfg)
+        state, _ = checkpoints.restore(step, trainer.state())
+        trainer.load_state(state)
+    finally:
+        checkpoints.close()
+    return trainer.model
 
 
 class MetricsLog:
@@ -154,7 +207,12 @@ class GRPOStep:
         self.ref_params = jax.tree.map(lambda x: x.copy(), trainer.model.params) if self.variant.kl else None
 
     def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        if ids and ids[-1] == self.tokenizer.eos_id:
+            ids = ids[:-1]
+        # Control tokens stay as text ([THINK] ...), as the rewards read them.
+        return self.tokenizer.decode(ids, keep_special=True)
 
     def __call__(self, examples: list[Example], step: int) -> dict[str, float]:
         from magistral_jax.rl.losses import constant_groups
@@ -184,7 +242,16 @@ class GRPOStep:
         rewards = np.asarray(scored.rewards, np.float64)
         t2 = time.perf_counter()
         lengths = np.asarray(out.lengths)
-        constant = constant_groups(rewards, groups)
+        if g.filter_metric == "reward":
+            signal = rewards
+        elif g.filter_metric in scored.components:
+            signal = np.asarray(scored.components[g.filter_metric], np.float64)
+        else:
+            raise ConfigError(
+                f"grpo.filter_metric: {g.filter_metric!r} is not a component of the reward "
+                f"({', '.join(scored.components)}) nor 'reward'"
+            )
+        constant = constant_groups(signal, groups)
         keep = ~constant if self.variant.filter_constant_groups else np.ones(rows, bool)
         metrics: dict[str, float] = {
             "reward_mean": float(rewards.mean()),
@@ -279,33 +346,31 @@ class SFTStep:
         return metrics
 
 
-def run(cfg: RunConfig, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
-    """Trains (or resumes training) until `cfg.steps`; returns the last step's metrics."""
+def run(
+    cfg: RunConfig,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+    *,
+    tokenizer=None,
+    source=None,
+    model=None,
+) -> dict[str, float]:
+    """Trains (or resumes training) until `cfg.steps`; returns the last step's metrics.
+
+    `tokenizer`, `source` and `model` replace what the config would build (the demo passes its
+    own); a given model is trained in place.
+    """
     import yaml
 
     from magistral_jax.rl.rewards import RewardPool
-    from magistral_jax.sharding import make_mesh, parse_mesh
 
     os.makedirs(cfg.run_dir, exist_ok=True)
-    mesh = make_mesh(**parse_mesh(cfg.mesh)) if cfg.mesh or len(jax.devices()) > 1 else None
-    model = build_model(cfg, mesh)
-    objective = Objective(
-        kind="sft" if cfg.kind == "sft" else "pg",
-        eps_low=cfg.grpo.eps_low,
-        eps_high=cfg.grpo.eps_high,
-        kl_coef=cfg.grpo.kl_coef,
-        temperature=cfg.grpo.temperature if cfg.kind == "grpo" else 1.0,
-    )
-    updates_per_step = cfg.grpo.minibatches if cfg.kind == "grpo" else 1
-    trainer = Trainer(
-        model,
-        cfg.optimizer,
-        objective,
-        total_steps=cfg.steps * updates_per_step,
-        chunk=cfg.logprob_chunk,
-        max_nonfinite=cfg.max_nonfinite,
-    )
-    source = make_source(cfg.data, cfg.seed)
+    trainer = build_trainer(cfg, model)
+    if tokenizer is None and cfg.tokenizer:
+        from magistral_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    source = source if source is not None else make_source(cfg.data, cfg.seed, tokenizer)
     checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints)
     start = checkpoints.latest() or 0
     if start:
@@ -315,11 +380,6 @@ def run(cfg: RunConfig, progress: bool = True, on_step: Callable[[int, dict], No
     with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     log = MetricsLog(cfg.run_dir, start)
-    tokenizer = None
-    if cfg.tokenizer:
-        from magistral_jax.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer)
     rewards = (
         RewardPool(
             cfg.reward.get("name", ""), {k: v for k, v in cfg.reward.items() if k != "name"}, cfg.grpo.reward_workers

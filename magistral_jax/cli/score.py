@@ -1,0 +1,118 @@
+"""`magistral-jax score`: the Magistral reward of completions generated elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score completions generated elsewhere with the training reward (one JSON line each)",
+        description=(
+            "Reads problems (.jsonl or .parquet: id, problem, answer or tests, optional language and "
+            "task) and completions (.jsonl: id of the problem, completion = the decoded text with "
+            "control tokens written out, e.g. [THINK], and optionally n_tokens for the length "
+            "penalty), scores every completion with the same Magistral reward code as training, and "
+            "writes one JSON line per completion, in input order: id, reward, components, reason "
+            "(why the reward is what it is; null when nothing was missed)."
+        ),
+    )
+    p.add_argument("--data", required=True, help="problems: .jsonl or .parquet file, or bundled:NAME")
+    p.add_argument("--completions", required=True, help="completions: .jsonl with `id` and `completion`")
+    p.add_argument(
+        "--style",
+        default="v13",
+        choices=("v13", "think-tags"),
+        help="v13: [THINK]...[/THINK] (Magistral 2507/2509); think-tags: <think>...</think> (2506). Default v13",
+    )
+    p.add_argument("--out", default="-", help="output .jsonl (default: standard output)")
+    p.add_argument("--workers", type=int, default=2, help="reward worker processes (default 2; 0 = in process)")
+    p.add_argument("--l-max", type=int, default=None, help="length penalty: l_max in tokens (needs n_tokens)")
+    p.add_argument("--l-cache", type=int, default=4096, help="length penalty: l_cache (default 4096)")
+    p.add_argument("--no-language", action="store_true", help="leave out the language-consistency reward")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed problem row instead of skipping")
+    p.add_argument("--batch", type=int, default=256, help="completions scored per batch (default 256)")
+    p.set_defaults(run=run)
+
+
+def read_completions(path: str, known: set[str], need_tokens: bool) -> list[dict]:
+    """The completion rows; any bad line is an error naming the line (nothing is scored)."""
+    rows, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: not JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
+                errors.append(f"{where}: an object with a string `completion` is expected")
+            elif str(row.get("id")) not in known:
+                errors.append(f"{where}: id {row.get('id')!r} names no problem")
+            elif need_tokens and not isinstance(row.get("n_tokens"), int):
+                errors.append(f"{where}: --l-max needs an integer `n_tokens`")
+            else:
+                rows.append(row)
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValueError("; ".join(errors[:5]) + more)
+    if not rows:
+        raise ValueError(f"{path}: no completions")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from magistral_jax.data.problems import read_problems
+    from magistral_jax.data.sources import problem_fields
+    from magistral_jax.rl.rewards import RewardPool
+
+    if args.batch < 1:
+        raise ValueError("--batch: a positive integer is expected")
+    data = read_problems(args.data, strict=args.strict)
+    if data.skipped:
+        print(f"{args.data}: skipped {data.skipped} malformed rows; first: {'; '.join(data.reasons)}", file=sys.stderr)
+    problems = {p.id: p for p in data.problems}
+    rows = read_completions(args.completions, set(problems), args.l_max is not None)
+    settings = {
+        "style": args.style,
+        "l_max": args.l_max,
+        "l_cache": args.l_cache,
+        "language_reward": not args.no_language,
+    }
+    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    try:
+        with (
+            RewardPool("magistral", settings, args.workers) as pool,
+            tqdm(total=len(rows), desc="score", unit="completion", file=sys.stderr) as bar,
+        ):
+            for first in range(0, len(rows), args.batch):
+                batch = rows[first : first + args.batch]
+                fields = [problem_fields(problems[str(r["id"])]) for r in batch]
+                scored = pool(
+                    [f["problem"] for f in fields],
+                    [r["completion"] for r in batch],
+                    n_tokens=[r.get("n_tokens", 0) for r in batch],
+                    **{k: [f[k] for f in fields] for k in ("problem", "task", "answer", "tests", "test_seed")},
+                )
+                for i, r in enumerate(batch):
+                    record = {
+                        "id": r["id"],
+                        "reward": round(scored.rewards[i], 6),
+                        "components": {k: round(v[i], 6) for k, v in scored.components.items()},
+                        "reason": scored.reasons[i],
+                    }
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(len(batch))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0

@@ -1,0 +1,198 @@
+"""The Magistral reward against hand-worked cases (reference/magistral-rl-recipe.md, section 2)."""
+
+import shutil
+
+import pytest
+
+from magistral_jax.rl.magistral_rewards import (
+    detect_language,
+    language_consistent,
+    last_boxed,
+    length_penalty,
+    magistral,
+    split_format,
+)
+
+PROBLEM_EN = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
+PROBLEM_FR = "Marie a 3 pommes et en reçoit 4 de plus. Combien de pommes Marie a-t-elle maintenant ?"
+THINK_EN = "I add the two numbers: three plus four makes seven, so the total is seven apples."
+THINK_FR = "J'additionne les deux nombres : trois plus quatre font sept, donc le total est de sept pommes."
+ANSWER_EN = "The answer is \\boxed{7}."
+ANSWER_FR = "La réponse est \\boxed{7}."
+
+
+def score(completion, answer="7", problem=PROBLEM_EN, **kw):
+    out = magistral([problem], [completion], answer=[answer], problem=[problem], **kw)
+    return out.rewards[0], {k: v[0] for k, v in out.components.items()}, out.reasons[0]
+
+
+def test_a_correct_consistent_answer_gets_1_1():
+    reward, comps, reason = score(f"[THINK]{THINK_EN}[/THINK]{ANSWER_EN}")
+    assert reward == pytest.approx(1.1)
+    assert comps == pytest.approx({"format": 0.1, "correct": 0.9, "length": 0.0, "language": 0.1})
+    assert reason is None
+
+
+@pytest.mark.parametrize(
+    ("completion", "why"),
+    [
+        (f"{THINK_EN}[/THINK]{ANSWER_EN}", "does not start with [THINK]"),
+        (f"[THINK]{THINK_EN}{ANSWER_EN}", "0 [/THINK]"),
+        (f"[THINK]{THINK_EN}[/THINK][THINK]x[/THINK]{ANSWER_EN}", "2 [THINK] and 2 [/THINK]"),
+        (f"[THINK]{THINK_EN}[/THINK]The answer is 7.", "no \\boxed{}"),
+        (f"[THINK]{THINK_EN} \\boxed{{7}}[/THINK]The answer is 7.", "no \\boxed{}"),  # boxed inside the thinking only
+        (f"[/THINK][THINK]{THINK_EN}{ANSWER_EN}", "does not start with [THINK]"),
+    ],
+)
+def test_format_failures_get_0_and_no_further_grading(completion, why):
+    reward, comps, reason = score(completion)
+    assert reward == 0.0 and set(comps.values()) == {0.0}
+    assert reason.startswith("format:") and why in reason
+
+
+def test_think_tags_style_for_2506():
+    good = f"<think>{THINK_EN}</think>{ANSWER_EN}"
+    assert score(good, style="think-tags")[0] == pytest.approx(1.1)
+    assert score(good, style="v13")[0] == 0.0  # tags are not control tokens
+    assert score(f"[THINK]{THINK_EN}[/THINK]{ANSWER_EN}", style="think_tags")[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("boxed", "gold", "correct"),
+    [
+        ("7", "7", True),
+        ("\\frac{1}{2}", "0.5", True),
+        ("1/2", "\\frac{1}{2}", True),
+        ("x = 3", "3", True),
+        ("2\\sqrt{2}", "\\sqrt{8}", True),
+        ("8", "7", False),
+        ("7.1", "7", False),
+    ],
+)
+def test_math_verify_decides_correctness(boxed, gold, correct):
+    _, comps, reason = score(f"[THINK]{THINK_EN}[/THINK]The answer is \\boxed{{{boxed}}}.", answer=gold)
+    assert comps["format"] == 0.1
+    assert comps["correct"] == (0.9 if correct else 0.0)
+    assert (reason is None) == correct
+
+
+def test_the_last_boxed_answer_counts():
+    text = "First \\boxed{3}, no wait: \\boxed{\\frac{7}{1}}"
+    assert last_boxed(text) == "\\frac{7}{1}"
+    assert score(f"[THINK]{THINK_EN}[/THINK]{text}")[1]["correct"] == 0.9
+    assert score(f"[THINK]{THINK_EN}[/THINK]\\boxed{{7}} then \\boxed{{8}}")[1]["correct"] == 0.0
+    assert last_boxed("\\boxed{unclosed") is None
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(0, 0.0), (600, 0.0), (700, 0.0), (750, -0.05), (775, -0.075), (800, -0.1), (801, -0.1), (5000, -0.1)],
+)
+def test_length_penalty_closed_form(n, expected):
+    # l_max 800, l_cache 100: 0 up to 700, then linear to -0.1 at 800, -0.1 beyond.
+    assert length_penalty(n, 800, 100) == pytest.approx(expected)
+    reward, comps, _ = score(
+        f"[THINK]{THINK_EN}[/THINK]{ANSWER_EN}", completion_ids=[list(range(n))], l_max=800, l_cache=100
+    )
+    assert comps["length"] == pytest.approx(expected)
+    assert reward == pytest.approx(1.1 + expected)
+    assert length_penalty(10**6, None, 100) == 0.0
+
+
+def test_language_consistency_across_problem_thinking_and_answer():
+    assert score(f"[THINK]{THINK_FR}[/THINK]{ANSWER_FR}", problem=PROBLEM_FR)[0] == pytest.approx(1.1)
+    reward, comps, reason = score(f"[THINK]{THINK_EN}[/THINK]{ANSWER_FR}", problem=PROBLEM_FR)
+    assert comps["language"] == 0.0 and reward == pytest.approx(1.0)
+    assert reason.startswith("languages differ") and "thinking: english" in reason
+    reward, comps, _ = score(f"[THINK]{THINK_FR}[/THINK]{ANSWER_EN}", problem=PROBLEM_FR)
+    assert comps["language"] == 0.0
+    # switched off
+    assert score(f"[THINK]{THINK_EN}[/THINK]{ANSWER_FR}", problem=PROBLEM_FR, language_reward=False)[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("Ich addiere die beiden Zahlen und erhalte sieben Äpfel insgesamt.", "german"),
+        ("Sumo los dos números y obtengo siete manzanas en total.", "spanish"),
+        ("Sommo i due numeri e ottengo sette mele in tutto.", "italian"),
+        ("Я складываю два числа и получаю семь яблок.", "russian"),
+        ("我把两个数相加，得到七个苹果。", "chinese"),
+        ("The sum of $\\frac{a}{b}$ and `x + y` is what we want.", "english"),
+    ],
+)
+def test_detects_the_seven_languages_with_latex_and_code_removed(text, language):
+    assert detect_language(text) == language
+
+
+def test_parts_too_short_to_identify_are_skipped():
+    assert detect_language("$x^2 + 1$ = 7") is None  # nothing but LaTeX and a number
+    agree, found = language_consistent(PROBLEM_FR, THINK_FR, "\\boxed{7}")
+    assert agree and "answer: -" in found
+
+
+def test_code_answers_need_a_fenced_block_with_a_language_tag():
+    fields = {"task": ["code"], "tests": [[{"input": "1 2\n", "output": "3\n"}]]}
+    untagged = "[THINK]Read and add.[/THINK]```\nprint(sum(map(int, input().split())))\n```"
+    out = magistral(["Add two numbers."], [untagged], **fields, language_reward=False)
+    assert out.rewards == [0.0] and "language tag" in out.reasons[0]
+    tagged = untagged.replace("```\n", "```python\n", 1)
+    out = magistral(["Add two numbers."], [tagged], **fields, language_reward=False)
+    assert out.rewards == [pytest.approx(1.0)] and out.reasons == [None]
+
+
+ADD_TESTS = [{"input": f"{a} {b}\n", "output": f"{a + b}\n"} for a, b in [(1, 2), (-5, 9), (100, 23), (0, 0)]]
+
+
+def code_reward(program: str, lang: str = "python", tests=ADD_TESTS, **kw):
+    completion = f"[THINK]I read two integers and print their sum.[/THINK]Here it is:\n```{lang}\n{program}\n```"
+    out = magistral(["Print a + b."], [completion], task=["code"], tests=[tests], language_reward=False, **kw)
+    return out.rewards[0], out.reasons[0]
+
+
+def test_python_code_passes_all_tests_or_gets_nothing():
+    assert code_reward("a, b = map(int, input().split())\nprint(a + b)") == (pytest.approx(1.0), None)
+    reward, reason = code_reward("a, b = map(int, input().split())\nprint(a + b if a > 0 else 0)")
+    assert reward == pytest.approx(0.1) and "wrong output" in reason
+    reward, reason = code_reward("raise SystemExit(3)")
+    assert reward == pytest.approx(0.1) and "status 3" in reason
+    reward, reason = code_reward("print(1)", lang="rust")
+    assert reward == pytest.approx(0.1) and "not run" in reason
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+def test_cpp_code_is_compiled_as_cpp20_and_run():
+    program = (
+        "#include <iostream>\n#include <span>\nint main() { long a, b; std::cin >> a >> b; "
+        "int v[2] = {0, 0}; std::span<int> s(v); std::cout << a + b + s.size() - 2 << std::endl; }"
+    )  # std::span is C++20
+    assert code_reward(program, lang="cpp") == (pytest.approx(1.0), None)
+    reward, reason = code_reward("int main() { return }", lang="cpp")
+    assert reward == pytest.approx(0.1) and "compilation failed" in reason
+
+
+def test_a_group_runs_the_same_subset_of_at_most_max_tests():
+    # 10 tests; the program fails on exactly one of them: whether it is drawn depends on the seed,
+    # never on the completion, and a draw has 5 tests.
+    tests = [{"input": f"{i} 0\n", "output": f"{i}\n"} for i in range(10)]
+    program = "a, b = map(int, input().split())\nprint(a + b + (a == 7))"
+    completion = f"[THINK]Add them.[/THINK]```python\n{program}\n```"
+    outcomes = set()
+    for seed in range(6):
+        out = magistral(
+            ["Add."] * 2,
+            [completion] * 2,
+            task=["code"] * 2,
+            tests=[tests] * 2,
+            test_seed=[seed] * 2,
+            max_tests=5,
+            language_reward=False,
+        )
+        assert out.rewards[0] == out.rewards[1]  # the same draw for every completion of the group
+        outcomes.add(round(out.rewards[0], 6))
+    assert outcomes == {0.1, 1.0}  # some draws hold the failing test, some do not
+
+
+def test_split_format_rejects_unknown_tasks():
+    with pytest.raises(ValueError, match="task"):
+        split_format("[THINK]x[/THINK]\\boxed{1}", "v13", "poetry")
