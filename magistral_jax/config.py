@@ -30,11 +30,11 @@ from typing import Any, Literal
 from magistral_jax.sharding import DEFAULT_RULES, Rules, validate_rules
 
 RematPolicy = Literal["none", "full", "save_matmuls", "save_qkv"]
-AttentionImpl = Literal["auto", "xla", "cudnn", "chunked"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "chunked", "splash"]
 ReasoningFormat = Literal["think_tokens", "think_tags"]
 
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "save_matmuls", "save_qkv")
-ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "chunked")
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "chunked", "splash")
 DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
 
@@ -151,7 +151,8 @@ class ModelConfig:
         always float32.
       remat: rematerialisation policy of each layer: `none`, `full` (save nothing inside a
         layer), `save_matmuls` (keep every projection's output), `save_qkv` (keep q, k, v).
-      attention: attention implementation (`auto`, `xla`, `cudnn`, `chunked`).
+      attention: attention implementation (`auto`, `xla`, `cudnn`, `chunked`, `splash`; see
+        `model.attention`). With a KV cache, every one but `xla` reads only the cache's filled part.
       attention_block: query/key block size of the chunked attention.
       rules: logical axis -> mesh axes table (see `magistral_jax.sharding`).
     """

@@ -15,8 +15,17 @@ Implementations (all compute logits, softmax and accumulation in float32):
 - `chunked`: blockwise online softmax with a custom VJP (flash-attention style) in pure JAX:
   memory O(T * K) instead of O(T * S) in the forward and the backward pass, on any backend; key
   blocks that the mask hides completely are skipped.
-- `auto`: `cudnn` on GPU for 16-bit inputs, otherwise `chunked` when T * S exceeds
-  `CHUNKED_THRESHOLD`, otherwise `xla`.
+- `splash`: TPU splash attention (a Pallas kernel, forward and backward), inside a `shard_map`
+  over the context mesh (batch over the batch axes, kv heads over `tensor`); off TPU it runs in
+  Pallas' interpreter (slow; for tests). Self-attention only (queries and keys are the same
+  slots, as in training and prefill without a cache): its causal mask is by slot index, which
+  equals the position mask because positions increase along a segment. Other calls fall back to
+  `chunked`.
+- `auto`: `splash` on TPU, `cudnn` on GPU for 16-bit inputs, otherwise `chunked` when T * S
+  exceeds `CHUNKED_THRESHOLD`, otherwise `xla`.
+
+`cached_attention` serves the sampler: a few new queries over a KV cache, reading only the cache's
+filled slots (a dynamic bound), so a decode step's cost follows the sequence, not the cache size.
 """
 
 from __future__ import annotations
@@ -27,7 +36,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from magistral_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
+
 CHUNKED_THRESHOLD = 4096 * 4096
+IMPLS = ("auto", "xla", "cudnn", "chunked", "splash")
 
 
 def attention_mask(
@@ -57,17 +69,27 @@ def attention(
     impl: str = "auto",
     block: int = 512,
     scale: float | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> Float[Array, "B T N K"]:
-    """Scaled dot-product attention; returns q's dtype. See the module docstring for the mask."""
+    """Scaled dot-product attention; returns q's dtype. See the module docstring for the mask.
+
+    `rules` place the splash kernel's `shard_map` (the model's logical-axis rules)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t, s = q.shape[1], k.shape[1]
+    self_attention = kv_positions is q_positions and kv_segments is q_segments
     if impl == "auto":
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        if jax.default_backend() == "tpu" and self_attention:
+            impl = "splash"
+        elif jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             impl = "cudnn"
         elif t * s > CHUNKED_THRESHOLD:
             impl = "chunked"
         else:
             impl = "xla"
+    if impl == "splash":
+        if self_attention:
+            return _splash_attention(q, k, v, q_segments, causal, scale, block, rules)
+        impl = "chunked"
     if impl == "chunked":
         return _chunked_attention(q, k, v, q_positions, q_segments, kv_positions, kv_segments, causal, scale, block)
     mask = attention_mask(q_positions, q_segments, kv_positions, kv_segments, causal)
@@ -79,7 +101,7 @@ def attention(
             q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn" if use_cudnn else None
         )
         return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
-    raise ValueError(f"attention: unknown implementation {impl!r}; expected auto, xla, cudnn or chunked")
+    raise ValueError(f"attention: unknown implementation {impl!r}; expected one of {IMPLS}")
 
 
 def _xla_attention(q, k, v, mask, scale):
@@ -149,6 +171,35 @@ def _block_logits(q_i, k_j, mask_ij, scale):
     return jnp.where(mask_ij[:, None, None], logits, -jnp.inf)
 
 
+def _online_softmax_init(b: int, g: int, r: int, t: int, d: int):
+    """(running max, denominator, accumulator) of an online softmax over key blocks."""
+    return (
+        jnp.full((b, g, r, t), -jnp.inf, jnp.float32),
+        jnp.zeros((b, g, r, t), jnp.float32),
+        jnp.zeros((b, g, r, t, d), jnp.float32),
+    )
+
+
+def _online_softmax_step(carry, q_i, k_j, v_j, mask, scale):
+    """Folds one key block into the online softmax of query block `q_i` [B, T, G, R, K]."""
+    m, denom, acc = carry
+    logits = _block_logits(q_i, k_j, mask, scale)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(logits - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)
+    denom = denom * alpha + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bgrqs,bsgk->bgrqk", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+    return m_new, denom, acc * alpha[..., None] + pv
+
+
+def _online_softmax_finish(m, denom, acc):
+    """The normalised output [B, G, R, T, K] (zeros for rows that saw no key) and the log-sum-exp."""
+    safe = jnp.where(denom > 0, denom, 1.0)
+    lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)
+    return acc / safe[..., None], lse
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _flash(q, k, v, q_pos, q_seg, kv_pos, kv_seg, causal, scale, bq, bk):
     out, _ = _flash_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, causal, scale, bq, bk)
@@ -169,27 +220,12 @@ def _flash_forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, causal, scale, bq, bk)
             mask = attention_mask(qp_i, qs_i, kp_j, ks_j, causal)
 
             def update(carry):
-                m, denom, acc = carry
-                logits = _block_logits(q_i, k_j, mask, scale)
-                m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-                p = jnp.exp(logits - m_safe[..., None])
-                alpha = jnp.exp(m - m_safe)
-                denom = denom * alpha + jnp.sum(p, axis=-1)
-                pv = jnp.einsum("bgrqs,bsgk->bgrqk", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-                return m_new, denom, acc * alpha[..., None] + pv
+                return _online_softmax_step(carry, q_i, k_j, v_j, mask, scale)
 
             return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
 
-        init = (
-            jnp.full((b, g, r, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, g, r, bq), jnp.float32),
-            jnp.zeros((b, g, r, bq, d), jnp.float32),
-        )
-        (m, denom, acc), _ = jax.lax.scan(step, init, (kb, vb, kpb, ksb))
-        safe = jnp.where(denom > 0, denom, 1.0)
-        out = acc / safe[..., None]
-        lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)
+        (m, denom, acc), _ = jax.lax.scan(step, _online_softmax_init(b, g, r, bq, d), (kb, vb, kpb, ksb))
+        out, lse = _online_softmax_finish(m, denom, acc)
         return jnp.einsum("bgrqk->bqgrk", out).astype(q.dtype), lse
 
     out, lse = jax.lax.map(one_query_block, (_blocks(q, bq), _blocks(q_pos, bq), _blocks(q_seg, bq)))
@@ -271,3 +307,109 @@ def _flash_bwd(causal, scale, bq, bk, res, dout):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention over a KV cache, reading only its filled part
+# ------------------------------------------------------------------------------------------------
+
+
+def cached_attention(
+    q: Float[Array, "B T N K"],
+    k: Float[Array, "B S G K"],
+    v: Float[Array, "B S G K"],
+    *,
+    q_positions: Int[Array, "B T"],
+    q_segments: Int[Array, "B T"],
+    kv_positions: Int[Array, "B S"],
+    kv_segments: Int[Array, "B S"],
+    filled: Int[Array, ""],
+    block: int = 512,
+    scale: float | None = None,
+) -> Float[Array, "B T N K"]:
+    """Causal attention of the new queries over a cache whose slots past `filled` (a traced
+    scalar: the longest row's written length) are empty: a loop over key blocks with a dynamic
+    trip count, so only the first ceil(filled / block) blocks are ever read."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, t, n, d = q.shape
+    g = k.shape[2]
+    bk = min(block, k.shape[1])
+    k, v = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
+    kv_positions, kv_segments = _pad_to(kv_positions, 1, bk), _pad_to(kv_segments, 1, bk)
+    qg = q.reshape(b, t, g, n // g, d)
+
+    def body(j, carry):
+        start = j * bk
+        k_j, v_j, kp_j, ks_j = (
+            jax.lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (k, v, kv_positions, kv_segments)
+        )
+        mask = attention_mask(q_positions, q_segments, kp_j, ks_j, causal=True)
+        return _online_softmax_step(carry, qg, k_j, v_j, mask, scale)
+
+    n_blocks = jnp.minimum((filled + bk - 1) // bk, k.shape[1] // bk)
+    m, denom, acc = jax.lax.fori_loop(0, n_blocks, body, _online_softmax_init(b, g, n // g, t, d))
+    out, _ = _online_softmax_finish(m, denom, acc)
+    return jnp.einsum("bgrtk->btgrk", out).reshape(b, t, n, d).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# TPU splash attention
+# ------------------------------------------------------------------------------------------------
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _splash_attention(q, k, v, segments, causal, scale, block, rules):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, n, d = q.shape
+    g = k.shape[2]
+    r = n // g
+    # Splash works on whole 128-slot blocks: pad with segment 0 (seen by nobody real).
+    blk = min(_round_up(block, 128), _round_up(t, 128))
+    padded = _round_up(t, blk)
+    shape = (padded, padded)
+    mask = sm.MultiHeadMask([sm.CausalMask(shape) if causal else sm.FullMask(shape)] * r)
+    sizes = sk.BlockSizes(
+        block_q=blk,
+        block_kv=blk,
+        block_kv_compute=blk,
+        block_q_dkv=blk,
+        block_kv_dkv=blk,
+        block_kv_dkv_compute=blk,
+        block_q_dq=blk,
+        block_kv_dq=blk,
+    )
+    kernel = sk.make_splash_mqa(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu"
+    )
+
+    def local(q, k, v, segments):
+        # One MQA kernel call per (sequence, kv head) on [R, T, K] queries and [T, K] keys.
+        lb, lg = q.shape[0], k.shape[2]
+        qs = jnp.transpose((q * jnp.asarray(scale, q.dtype)).reshape(lb, padded, lg, r, d), (0, 2, 3, 1, 4))
+        ks, vs = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
+
+        def one(q_h, k_h, v_h, seg):
+            return kernel(q_h, k_h, v_h, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+
+        out = jax.vmap(lambda qb, kb, vb, sb: jax.vmap(lambda qh, kh, vh: one(qh, kh, vh, sb))(qb, kb, vb))(
+            qs, ks, vs, segments
+        )  # [B, G, R, T, K]
+        out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(lb, padded, lg * r, d)
+        return jnp.where((segments != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+    args = (_pad_to(q, 1, blk), _pad_to(k, 1, blk), _pad_to(v, 1, blk), _pad_to(segments, 1, blk))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(*args)[:, :t]
+    sizes_of = dict(mesh.shape)
+    batch = logical_to_spec(("batch",), rules, (b,), sizes_of)[0]
+    heads = logical_to_spec(("act_kv_heads",), rules, (g,), sizes_of)[0]
+    qkv = jax.sharding.PartitionSpec(batch, None, heads, None)
+    seg = jax.sharding.PartitionSpec(batch, None)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False)(*args)
+    return out[:, :t]

@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, Int
 
 from magistral_jax.config import ModelConfig, TextConfig
 from magistral_jax.model import params as P
-from magistral_jax.model.attention import attention
+from magistral_jax.model.attention import attention, cached_attention
 from magistral_jax.model.blocks import attention_block, remat, swiglu_block
 from magistral_jax.model.layers import rms_norm, segment_positions, text_rope_angles
 from magistral_jax.sharding import constrain
@@ -159,7 +159,7 @@ def decode_layers(
     """Runs the stacked decoder layers over embeddings `x` (the vision merge feeds this too)."""
     tc = cfg.text
     angles = text_rope_angles(positions, tc.head_dim, tc.rope_theta)
-    attend_kw = dict(causal=True, impl=cfg.attention, block=cfg.attention_block)
+    attend_kw = dict(causal=True, impl=cfg.attention, block=cfg.attention_block, rules=cfg.rules)
 
     if cache is None:
         kv_positions, kv_segments = positions, segment_ids
@@ -168,6 +168,7 @@ def decode_layers(
         kv_positions = _write_rows(cache.positions, jnp.where(valid, positions, -1), cache.lengths)
         kv_segments = (kv_positions >= 0).astype(jnp.int32)
         segment_ids = valid.astype(jnp.int32)
+        new_lengths = cache.lengths + jnp.sum(segment_ids, axis=1, dtype=jnp.int32)
 
     def layer(x, scanned):
         lp, cache_k, cache_v = scanned
@@ -177,16 +178,13 @@ def decode_layers(
             if cache is not None:
                 k = _write_rows(cache_k, k.astype(cache_k.dtype), cache.lengths)
                 v = _write_rows(cache_v, v.astype(cache_v.dtype), cache.lengths)
-            out = attention(
-                q,
-                k,
-                v,
-                q_positions=positions,
-                q_segments=segment_ids,
-                kv_positions=kv_positions,
-                kv_segments=kv_segments,
-                **attend_kw,
+            where = dict(
+                q_positions=positions, q_segments=segment_ids, kv_positions=kv_positions, kv_segments=kv_segments
             )
+            if cache is not None and cfg.attention != "xla":
+                out = cached_attention(q, k, v, **where, filled=jnp.max(new_lengths), block=cfg.attention_block)
+            else:
+                out = attention(q, k, v, **where, **attend_kw)
             return out, k, v
 
         x, kv = attention_block(x, lp, angles, attend, tc.norm_eps, cfg.rules)
@@ -200,8 +198,7 @@ def decode_layers(
     if cache is None:
         return x, None
     new_k, new_v = kv
-    lengths = cache.lengths + jnp.sum(segment_ids, axis=1, dtype=jnp.int32)
-    return x, KVCache(k=new_k, v=new_v, positions=kv_positions, lengths=lengths)
+    return x, KVCache(k=new_k, v=new_v, positions=kv_positions, lengths=new_lengths)
 
 
 def forward(

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magistral_jax.model.attention import attention
+from magistral_jax import make_mesh
+from magistral_jax.model.attention import attention, cached_attention
 
-IMPLS = ["xla", "cudnn", "chunked"]
+# splash runs in Pallas' interpreter here (the TPU kernel's own code, slowly)
+IMPLS = ["xla", "cudnn", "chunked", "splash"]
 
 
 def _oracle(q, k, v, qp, qs, kp, ks, causal):
@@ -47,14 +49,16 @@ def _case(rng, b=2, t=23, s=None, n=4, g=2, d=8):
 
 
 def _run(impl, q, k, v, qp, qs, kp, ks, causal=True, dtype=jnp.float32):
+    # Self-attention passes the same position and segment arrays for queries and keys.
+    qp_, qs_ = jnp.asarray(qp), jnp.asarray(qs)
     return attention(
         jnp.asarray(q, dtype),
         jnp.asarray(k, dtype),
         jnp.asarray(v, dtype),
-        q_positions=jnp.asarray(qp),
-        q_segments=jnp.asarray(qs),
-        kv_positions=jnp.asarray(kp),
-        kv_segments=jnp.asarray(ks),
+        q_positions=qp_,
+        q_segments=qs_,
+        kv_positions=qp_ if kp is qp else jnp.asarray(kp),
+        kv_segments=qs_ if ks is qs else jnp.asarray(ks),
         causal=causal,
         impl=impl,
         block=8,
@@ -123,3 +127,45 @@ def test_unknown_implementation_is_refused():
     q, k, v, pos, seg = _case(np.random.default_rng(4))
     with pytest.raises(ValueError, match="unknown implementation 'flash'"):
         _run("flash", q, k, v, pos, seg, pos, seg)
+
+
+def test_splash_inside_a_shard_map_over_the_mesh():
+    q, k, v, pos, seg = (jnp.asarray(a) for a in _case(np.random.default_rng(5), b=4, n=8, g=4))
+    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+
+    def f(q, k, v):
+        return attention(q, k, v, q_positions=pos, q_segments=seg, kv_positions=pos, kv_segments=seg, impl="splash")
+
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(f).lower(q, k, v)
+        got = jax.jit(f)(q, k, v)
+    assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
+    want = _oracle(*(np.asarray(a, np.float64) for a in (q, k, v)), pos, seg, pos, seg, True)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def test_cached_attention_reads_only_the_filled_blocks():
+    """Rows filled to 13 and 21 of 40 slots, blocks of 8: blocks 0-2 (slots 0-23) are read; NaNs
+    from slot 24 on never reach the output, as they would if those slots were read (0 x NaN)."""
+    rng = np.random.default_rng(6)
+    q, k, v, _, _ = _case(rng, t=2, s=40)
+    lengths = np.array([13, 21])
+    kp = np.where(np.arange(40)[None] < lengths[:, None], np.arange(40)[None], -1)
+    ks = (kp >= 0).astype(np.int32)
+    qp = np.stack([lengths - 2, lengths - 1], axis=1)
+    qs = np.ones((2, 2), np.int32)
+    want = _oracle(q, k, v, qp, qs, kp, ks, True)
+    k[:, 24:], v[:, 24:] = np.nan, np.nan
+    got = cached_attention(
+        *(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+        q_positions=jnp.asarray(qp),
+        q_segments=jnp.asarray(qs),
+        kv_positions=jnp.asarray(kp),
+        kv_segments=jnp.asarray(ks),
+        filled=jnp.asarray(lengths.max()),
+        block=8,
+    )
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    # The plain implementation reads every slot: the NaNs poison it.
+    assert np.isnan(np.asarray(_run("xla", q, k, v, qp, qs, kp, ks))).any()

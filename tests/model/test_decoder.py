@@ -88,7 +88,7 @@ def test_attention_implementations_agree_in_the_decoder():
     tokens = rng.integers(0, 256, (2, 40))
     base = mj.init_model(_tiny(attention="xla"), 1)
     ref = np.asarray(base.logits(tokens))
-    for impl in ("cudnn", "chunked", "auto"):
+    for impl in ("cudnn", "chunked", "splash", "auto"):
         model = mj.Model(_tiny(attention=impl, attention_block=16), base.params)
         np.testing.assert_allclose(np.asarray(model.logits(tokens)), ref, atol=2e-5, err_msg=impl)
 
