@@ -270,9 +270,19 @@ def run_sample(args: argparse.Namespace) -> int:
             )
         return out[:, prompt_len:].numpy()
 
+    def our_prefill():
+        return jax.block_until_ready(sampler._start(prompts.tolist(), 1, new, 0))
+
+    def their_prefill():
+        with torch.no_grad():
+            return ref(torch.tensor(prompts), use_cache=True).logits
+
     ours_s, ours_tokens = _best_time(ours, args.repeats)
     theirs_s, their_tokens = _best_time(theirs, args.repeats)
     decode_s = min(decode_only() for _ in range(args.repeats))
+    ours_prefill_s, _ = _best_time(our_prefill, args.repeats)
+    theirs_prefill_s, _ = _best_time(their_prefill, args.repeats)
+    theirs_decode_s = theirs_s - theirs_prefill_s
     # Per decode step: every weight once, plus the cached keys and values (on average half full).
     kv_bytes = 2 * hf_cfg.num_hidden_layers * batch * (prompt_len + new / 2) * hf_cfg.num_key_value_heads * 128 * 4
     step_bytes = n_params * 4 + kv_bytes
@@ -288,6 +298,10 @@ def run_sample(args: argparse.Namespace) -> int:
         "transformers_tokens_per_s": round(batch * new / theirs_s, 1),
         "ratio": round(theirs_s / ours_s, 2),
         "same_tokens": bool((ours_tokens == their_tokens).all()),
+        "prefill_ms": round(1000 * ours_prefill_s, 1),
+        "transformers_prefill_ms": round(1000 * theirs_prefill_s, 1),
+        "prefill_ratio": round(theirs_prefill_s / ours_prefill_s, 2),
+        "decode_ratio": round(theirs_decode_s / decode_s, 2),
         "decode_step_ms": round(1000 * decode_s / new, 2),
         "bytes_per_step": int(step_bytes),
         "achieved_bytes_per_s": achieved,
@@ -305,6 +319,11 @@ def run_sample(args: argparse.Namespace) -> int:
             f"magistral-jax: {results['magistral_jax_tokens_per_s']} tokens/s; transformers: "
             f"{results['transformers_tokens_per_s']} tokens/s; ratio {results['ratio']}x; "
             f"same tokens: {'yes' if results['same_tokens'] else 'NO'}"
+        )
+        print(
+            f"prefill ({batch} x {prompt_len} tokens): {results['prefill_ms']} ms, transformers "
+            f"{results['transformers_prefill_ms']} ms, ratio {results['prefill_ratio']}x; decode ({new} steps): "
+            f"ratio {results['decode_ratio']}x (transformers' decode = generate minus its prefill)"
         )
         print(
             f"decode step {results['decode_step_ms']} ms reading {step_bytes / 1e9:.3f} GB = "

@@ -254,9 +254,15 @@ def _plot(rewards: list[float], path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
+    steps = np.arange(1, len(rewards) + 1)
+    window = max(1, min(10, len(rewards) // 3))
+    smooth = np.convolve(rewards, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(rewards) + 1), rewards)
+    ax.plot(steps, rewards, alpha=0.35, label="per step (16 prompts x 8 samples)")
+    ax.plot(steps[window - 1 :], smooth, label=f"mean of the last {window} steps")
+    ax.legend(loc="lower right")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward (max 1.1)")
     ax.set_title("magistral-jax demo: GRPO with the Magistral reward")
