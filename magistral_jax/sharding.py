@@ -176,3 +176,58 @@ def parse_mesh(text: str) -> dict[str, int]:
 def host_array_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Places a host array that every process holds in full onto `sharding`."""
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def batch_shards(mesh: Mesh, rules: Rules, logical: str = "batch") -> int:
+    """How many ways `mesh` splits the rows of a batch (the product of the mesh axes `logical`
+    maps to); a global batch is split fully when its rows are a multiple of it."""
+    return math.prod(dict(mesh.shape)[a] for a in _as_tuple(dict(rules).get(logical)))
+
+
+def process_rows(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> slice:
+    """The rows (first axis) of a global array of `shape` that this process's devices hold.
+
+    Refuses a layout where they are not one block of `rows / process_count` rows: a batch must be
+    split over the processes, not repeated (for example by tensor parallelism across hosts or a
+    row count the batch axes do not divide).
+    """
+    shape = tuple(shape)
+    count = jax.process_count()
+    held = np.zeros(shape[0], bool)
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        start, stop, _ = (index[0] if index else slice(None)).indices(shape[0])
+        held[start:stop] = True
+    rows = np.flatnonzero(held)
+    if shape[0] % count or len(rows) != shape[0] // count or rows[-1] - rows[0] + 1 != len(rows):
+        raise ValueError(
+            f"a batch of {shape[0]} rows is not split into one block per process over {count} processes "
+            f"(this process holds rows {rows.tolist()[:8]}{'...' if len(rows) > 8 else ''}); the batch "
+            "mesh axes must split it evenly, with no device of another process holding the same rows"
+        )
+    return slice(int(rows[0]), int(rows[-1]) + 1)
+
+
+def local_batch_to_global(
+    x: np.ndarray, mesh: Mesh, rules: Rules, logical: Sequence[str | None] = ("batch", "act_seq")
+) -> jax.Array:
+    """Places this process's rows of a batch split over the processes: the global array has
+    `process_count` times the rows of `x` and this process's block (`process_rows`) is `x`. In a
+    single process, `host_array_to_global` on the batch sharding."""
+    x = np.asarray(x)
+    count = jax.process_count()
+    if count == 1:
+        return host_array_to_global(x, logical_sharding(mesh, logical, rules, x.shape))
+    shape = (x.shape[0] * count, *x.shape[1:])
+    sharding = logical_sharding(mesh, logical, rules, shape)
+    process_rows(sharding, shape)
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as a numpy array on every process (gathered from the other processes when
+    it spans several; all processes must call this together then)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -15,7 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Trains with SFT or the Magistral GRPO objective as the config says, writing checkpoints, "
             "RUN_DIR/metrics.jsonl (one line per step) and TensorBoard events. Running the same command "
             "again resumes from the latest checkpoint in run_dir. Overrides are dotted KEY=VALUE pairs, "
-            "e.g. steps=20 optimizer.lr=1e-5 grpo.group_size=16 (see configs/ for the keys)."
+            "e.g. steps=20 optimizer.lr=1e-5 grpo.group_size=16 (see configs/ for the keys). "
+            "Multi-host: run the same command on every host (one process per host; per GPU under SLURM). "
+            "TPU pods on GKE, SLURM jobs of several tasks and Open MPI are detected from the environment; "
+            "Cloud TPU VM pods need --distributed; anywhere else give every process --coordinator HOST:PORT "
+            "(process 0's address, a free port), --num-processes N and its own --process-id I (or "
+            "MAGISTRAL_COORDINATOR, MAGISTRAL_NUM_PROCESSES, MAGISTRAL_PROCESS_ID). The batch is split "
+            "evenly over the processes, each loading its own share; RUN_DIR must be on storage every host "
+            "sees; logs and metrics come from process 0."
         ),
     )
     p.add_argument("kind", choices=["sft", "grpo"], help="what to train")
@@ -28,6 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="simulated CPU devices when running on the CPU (default: the config's mesh needs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("multi-host (see magistral_jax.distributed)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes (hosts)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 to N-1")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() and let JAX detect the cluster (Cloud TPU VM pods)",
+    )
     p.set_defaults(run=run_train)
 
     q = sub.add_parser(
@@ -48,10 +64,17 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides, kind=args.kind)
     if args.devices:
         simulate_devices(args.devices)
+    from magistral_jax import distributed
+
+    # Before any JAX computation: joins the other processes of a multi-host run, if any.
+    distributed.initialize(
+        args.coordinator, args.num_processes, args.process_id, mode="auto" if args.distributed else None
+    )
     from magistral_jax.train.loop import run
 
     metrics = run(cfg, progress=not args.quiet)
-    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+    if distributed.is_primary():
+        print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
     return 0
 
 

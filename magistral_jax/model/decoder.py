@@ -171,16 +171,19 @@ def decode_layers(
         new_lengths = cache.lengths + jnp.sum(segment_ids, axis=1, dtype=jnp.int32)
 
     def layer(x, scanned):
-        lp, cache_k, cache_v = scanned
+        lp, cache_k, cache_v, per_layer = scanned
         lp = jax.tree.map(lambda w: w.astype(cfg.dtype), lp)
 
         def attend(q, k, v):
             if cache is not None:
                 k = _write_rows(cache_k, k.astype(cache_k.dtype), cache.lengths)
                 v = _write_rows(cache_v, v.astype(cache_v.dtype), cache.lengths)
-            where = dict(
-                q_positions=positions, q_segments=segment_ids, kv_positions=kv_positions, kv_segments=kv_segments
-            )
+                where = dict(
+                    q_positions=positions, q_segments=segment_ids, kv_positions=kv_positions, kv_segments=kv_segments
+                )
+            else:
+                pos, seg = per_layer
+                where = dict(q_positions=pos, q_segments=seg, kv_positions=pos, kv_segments=seg)
             if cache is not None and cfg.attention != "xla":
                 out = cached_attention(q, k, v, **where, filled=jnp.max(new_lengths), block=cfg.attention_block)
             else:
@@ -192,7 +195,15 @@ def decode_layers(
         return x, (kv if cache is not None else None)
 
     layer = remat(layer, cfg.remat)
-    xs = (params["layers"], None, None) if cache is None else (params["layers"], cache.k, cache.v)
+    if cache is None:
+        # Positions and segment ids enter the scan as per-layer inputs, not as closed-over loop
+        # invariants: when the scan is differentiated, JAX hoists work on loop invariants out of
+        # the loop, which would precompute the chunked attention's masks for every (query block,
+        # key block) pair at once, memory quadratic in the sequence (seen with `magistral-jax plan`).
+        per_layer = tuple(jnp.broadcast_to(a, (tc.n_layers, *a.shape)) for a in (positions, segment_ids))
+        xs = (params["layers"], None, None, per_layer)
+    else:
+        xs = (params["layers"], cache.k, cache.v, None)
     with jax.named_scope("layers"):
         x, kv = jax.lax.scan(layer, x, xs)
     if cache is None:

@@ -15,12 +15,17 @@ S cache slots, V vocabulary.
   control leaves the compiled loop once per chunk, not per token.
 - Prompt length and cache size are rounded up to multiples of `BUCKET`, so prompts of similar
   lengths share compiled code.
+- Over a mesh that spans several processes (multi-host), every process passes the same prompts,
+  seed and settings (checked), the prompts become global arrays sharded over the batch axes, and
+  the outputs are gathered to every process: each gets exactly what one process sampling on the
+  same mesh would.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from magistral_jax.api import image_inputs
 from magistral_jax.config import ModelConfig
 from magistral_jax.model import decoder, vision
 from magistral_jax.sampling.strategies import MAGISTRAL, SamplingParams, choose
+from magistral_jax.sharding import to_host
 
 BUCKET = 128
 
@@ -195,6 +201,8 @@ class Sampler:
         if batch.max() >= cfg.text.vocab_size or batch.min() < 0:
             raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
         cache_len = _round_up(width + max_new_tokens, BUCKET)
+        if jax.process_count() > 1:
+            _check_same_on_every_process(batch, lengths, n, max_new_tokens, seed)
         vision_inputs = None if images is None else image_inputs(batch, images, cfg)
         with self.model.mesh_context():
             return _prefill(
@@ -243,9 +251,9 @@ class Sampler:
             state = self._decode(state, min(seen + chunk, max_new_tokens), sampling)
             step = int(state.step)
             tokens, lengths, done = (
-                np.asarray(state.tokens[:, seen:step]),
-                np.asarray(state.lengths),
-                np.asarray(state.done),
+                to_host(state.tokens[:, seen:step]),
+                to_host(state.lengths),
+                to_host(state.done),
             )
             new = [row[: max(0, int(length) - seen)].tolist() for row, length in zip(tokens, lengths, strict=True)]
             last = step >= max_new_tokens or bool(done.all())
@@ -278,12 +286,23 @@ class Sampler:
         return last.output
 
 
+def _check_same_on_every_process(batch: np.ndarray, lengths: np.ndarray, n: int, max_new: int, seed: int) -> None:
+    from magistral_jax.distributed import allgather
+
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (batch, lengths, np.asarray([n, max_new, seed], np.int64)):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    digests = allgather(np.frombuffer(digest.digest(), np.int64)[0])
+    if len(set(digests.tolist())) > 1:
+        raise ValueError("sample: the processes of a multi-host mesh must pass the same prompts, n and seed")
+
+
 def _output(state: DecodeState) -> SampleOutput:
-    done = np.asarray(state.done)
+    done = to_host(state.done)
     return SampleOutput(
-        tokens=np.asarray(state.tokens),
-        logprobs=np.asarray(state.logprobs),
-        raw_logprobs=np.asarray(state.raw_logprobs),
-        lengths=np.asarray(state.lengths),
+        tokens=to_host(state.tokens),
+        logprobs=to_host(state.logprobs),
+        raw_logprobs=to_host(state.raw_logprobs),
+        lengths=to_host(state.lengths),
         finish_reasons=["stop" if d else "length" for d in done],
     )

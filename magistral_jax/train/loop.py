@@ -15,6 +15,13 @@ exactly as an uninterrupted one would have (CPU: bit for bit).
 
 Outputs in `run_dir`: `checkpoints/` (the last `keep_checkpoints`), `metrics.jsonl` (one line per
 step), `tb/` (TensorBoard event files) and `config.yaml`.
+
+Several processes (multi-host, see `magistral_jax.distributed`): each draws `batch /
+process_count` examples (its own shard of a problem file; its own block of a procedural source's
+batch), samples the whole step's prompts (gathered), scores its own completions, and trains on its
+own rows of every microbatch. Rewards are gathered before filtering and advantages, so everything
+but the packing of rows (hence the order of floating-point sums) is what one process computes on
+the whole batch. Checkpoints are written by every process (Orbax), logs and config by process 0.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from magistral_jax.config import ConfigError, ModelConfig, flatten_model_fields, get_preset, read_config
-from magistral_jax.data.procedural import Example
+from magistral_jax.data.procedural import Example, Source
 from magistral_jax.data.sources import make_source
+from magistral_jax.distributed import allgather, allgather_objects, is_primary
+from magistral_jax.sharding import batch_shards, process_rows, to_host
 from magistral_jax.train.config import RunConfig, to_dict
-from magistral_jax.train.packing import Item, pack
+from magistral_jax.train.packing import Item, pack_across_processes
 from magistral_jax.train.step import Objective, Trainer
 
 TIMING_METRICS = ("time_sampling", "time_scoring", "time_training", "time_step", "tokens_per_s")
@@ -189,6 +198,50 @@ def _step_key(seed: int, step: int) -> int:
     return int(np.random.default_rng((seed, step, 7)).integers(2**31))
 
 
+def _rows(cfg: RunConfig, row_len: int, trainer: Trainer) -> int:
+    """Rows of a (global) microbatch: `microbatch_tokens / row_len`; with several processes a
+    multiple of the batch shards and processes, so each process holds its own block of rows."""
+    rows = max(1, cfg.microbatch_tokens // row_len)
+    count = jax.process_count()
+    if count == 1:
+        return rows
+    unit = math.lcm(batch_shards(trainer.model.mesh, trainer.model.cfg.rules), count)
+    return max(unit, rows // unit * unit)
+
+
+def _global_sum(x):
+    return x if jax.process_count() == 1 else allgather(x).sum().item()
+
+
+def _global_max(x):
+    return x if jax.process_count() == 1 else allgather(x).max().item()
+
+
+def _concat(values: list) -> list:
+    """Every process's list, concatenated in process order (one process: the list itself)."""
+    if jax.process_count() == 1:
+        return values
+    return [v for part in allgather_objects(values) for v in part]
+
+
+class ProcessShard:
+    """A source that draws the same examples on every process (the procedural ones), cut into
+    per-process blocks: `next(n)` draws the `n * process_count` examples of the global batch and
+    keeps this process's block, so the processes together train on exactly what one would."""
+
+    def __init__(self, source, index: int, count: int):
+        self.source, self.index, self.count = source, index, count
+
+    def next(self, n: int) -> list[Example]:
+        return self.source.next(n * self.count)[self.index * n : (self.index + 1) * n]
+
+    def state(self) -> dict[str, Any]:
+        return self.source.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.source.restore(state)
+
+
 class GRPOStep:
     """One synchronous GRPO step (sampling, scoring, filtering, minibatches, updates)."""
 
@@ -219,7 +272,10 @@ class GRPOStep:
 
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.perf_counter()
-        prompts = [e.prompt for e in examples]
+        # Every process samples the whole step's prompts (in process order) and scores its own.
+        counts = _concat([len(examples)])
+        first = sum(counts[: jax.process_index()]) * g.group_size if len(counts) > 1 else 0
+        prompts = _concat([e.prompt for e in examples])
         out = self.sampler.sample(
             prompts,
             max_new_tokens=g.max_new_tokens,
@@ -231,31 +287,35 @@ class GRPOStep:
         rows = len(out.lengths)
         groups = np.arange(rows) // g.group_size
         completions = [out.completion(r) for r in range(rows)]
-        fields: dict[str, list[Any]] = {"completion_ids": completions}
+        mine = range(first, first + len(examples) * g.group_size)  # this process's rows
+        fields: dict[str, list[Any]] = {"completion_ids": [completions[r] for r in mine]}
         for key in examples[0].fields:
-            fields[key] = [examples[r // g.group_size].fields[key] for r in range(rows)]
+            fields[key] = [examples[(r - first) // g.group_size].fields[key] for r in mine]
         scored = self.rewards(
-            [self._text(prompts[r // g.group_size]) for r in range(rows)],
-            [self._text(c) for c in completions],
+            [self._text(prompts[r // g.group_size]) for r in mine],
+            [self._text(completions[r]) for r in mine],
             **fields,
         )
-        rewards = np.asarray(scored.rewards, np.float64)
+        rewards, components = np.asarray(scored.rewards, np.float64), scored.components
+        if jax.process_count() > 1:  # every process's scores, in row order
+            rewards = np.asarray(_concat(rewards.tolist()), np.float64)
+            components = {k: _concat(np.asarray(v, np.float64).tolist()) for k, v in components.items()}
         t2 = time.perf_counter()
         lengths = np.asarray(out.lengths)
         if g.filter_metric == "reward":
             signal = rewards
-        elif g.filter_metric in scored.components:
-            signal = np.asarray(scored.components[g.filter_metric], np.float64)
+        elif g.filter_metric in components:
+            signal = np.asarray(components[g.filter_metric], np.float64)
         else:
             raise ConfigError(
                 f"grpo.filter_metric: {g.filter_metric!r} is not a component of the reward "
-                f"({', '.join(scored.components)}) nor 'reward'"
+                f"({', '.join(components)}) nor 'reward'"
             )
         constant = constant_groups(signal, groups)
         keep = ~constant if self.variant.filter_constant_groups else np.ones(rows, bool)
         metrics: dict[str, float] = {
             "reward_mean": float(rewards.mean()),
-            **{f"reward_{k}": float(np.mean(v)) for k, v in scored.components.items()},
+            **{f"reward_{k}": float(np.mean(v)) for k, v in components.items()},
             "filtered_groups_frac": float(constant.reshape(-1, g.group_size)[:, 0].mean())
             if self.variant.filter_constant_groups
             else 0.0,
@@ -280,8 +340,9 @@ class GRPOStep:
                     old_logprobs=out.logprobs[r, : lengths[r]].tolist(),
                 )
                 for r, a, w in zip(rows_in, adv, weights, strict=True)
+                if mine.start <= r < mine.stop
             ]
-            packing = pack(items, row_len, max(1, cfg.microbatch_tokens // row_len))
+            packing = pack_across_processes(items, row_len, _rows(cfg, row_len, self.trainer))
             if self.ref_params is not None:
                 self._fill_reference(packing.microbatches)
             saved.append(packing.padding_saved)
@@ -305,21 +366,26 @@ class GRPOStep:
     def _fill_reference(self, microbatches) -> None:
         from magistral_jax.model.decoder import token_logprobs
 
-        model = self.trainer.model
+        trainer = self.trainer
+        model = trainer.model
         fn = jax.jit(token_logprobs, static_argnames=("cfg", "temperature", "chunk"))
         with model.mesh_context():
             for mb in microbatches:
+                tokens = trainer.place(mb.tokens)
                 logp, _ = fn(
                     self.ref_params,
-                    model.place_batch(mb.tokens),
-                    model.place_batch(mb.targets),
+                    tokens,
+                    trainer.place(mb.targets),
                     model.cfg,
-                    positions=model.place_batch(mb.positions),
-                    segment_ids=model.place_batch(mb.segment_ids),
+                    positions=trainer.place(mb.positions),
+                    segment_ids=trainer.place(mb.segment_ids),
                     temperature=self.cfg.grpo.temperature,
                     chunk=self.cfg.logprob_chunk,
                 )
-                mb.ref_logprobs = np.where(mb.weights > 0, np.asarray(logp), 0.0).astype(np.float32)
+                logp = to_host(logp)
+                if jax.process_count() > 1:  # this process's rows of the global microbatch
+                    logp = logp[process_rows(tokens.sharding, tokens.shape)]
+                mb.ref_logprobs = np.where(mb.weights > 0, logp, 0.0).astype(np.float32)
 
 
 class SFTStep:
@@ -332,16 +398,17 @@ class SFTStep:
         t0 = time.perf_counter()
         if any(e.answer is None for e in examples):
             raise ConfigError("data: SFT needs examples with answers")
-        total = sum(len(e.answer) for e in examples)
+        # With several processes, each holds its own examples; the mean is over the global batch.
+        total = _global_sum(sum(len(e.answer) for e in examples))
         items = [Item(tokens=e.prompt + e.answer, loss_start=len(e.prompt), weight=1.0 / total) for e in examples]
-        row_len = _row_len(self.cfg, max(len(i.tokens) for i in items))
-        packing = pack(items, row_len, max(1, self.cfg.microbatch_tokens // row_len))
+        row_len = _row_len(self.cfg, _global_max(max(len(i.tokens) for i in items)))
+        packing = pack_across_processes(items, row_len, _rows(self.cfg, row_len, self.trainer))
         metrics = self.trainer.train_step(packing.microbatches)
         seconds = time.perf_counter() - t0
         metrics.update(
             padding_saved=packing.padding_saved,
             time_training=seconds,
-            tokens_per_s=sum(len(i.tokens) for i in items) / seconds,
+            tokens_per_s=_global_sum(sum(len(i.tokens) for i in items)) / seconds,
         )
         return metrics
 
@@ -359,6 +426,11 @@ def run(
 
     `tokenizer`, `source` and `model` replace what the config would build (the demo passes its
     own); a given model is trained in place.
+
+    With several processes (`magistral_jax.distributed`), every process calls `run` with the same
+    config; a given `source` draws this process's examples (a procedural `Source`, which draws
+    the same on every process, is cut into per-process blocks) and the batch is split evenly
+    over the processes.
     """
     import yaml
 
@@ -371,15 +443,26 @@ def run(
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     source = source if source is not None else make_source(cfg.data, cfg.seed, tokenizer)
+    batch = cfg.grpo.prompts_per_step if cfg.kind == "grpo" else cfg.sft.batch_size
+    count, primary = jax.process_count(), is_primary()
+    if count > 1:
+        what = "grpo.prompts_per_step" if cfg.kind == "grpo" else "sft.batch_size"
+        if batch % count:
+            raise ConfigError(f"{what}: {batch} does not split evenly over {count} processes")
+        if isinstance(source, Source):
+            source = ProcessShard(source, jax.process_index(), count)
     checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints)
     start = checkpoints.latest() or 0
     if start:
         state, meta = checkpoints.restore(start, trainer.state())
         trainer.load_state(state)
-        source.restore(meta["data"])
-    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    log = MetricsLog(cfg.run_dir, start)
+        # Each process resumes its own data state where the checkpoint has one per process.
+        per_process = meta.get("data_per_process")
+        source.restore(per_process[jax.process_index()] if per_process and len(per_process) == count else meta["data"])
+    if primary:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    log = MetricsLog(cfg.run_dir, start) if primary else None
     rewards = (
         RewardPool(
             cfg.reward.get("name", ""), {k: v for k, v in cfg.reward.items() if k != "name"}, cfg.grpo.reward_workers
@@ -388,7 +471,6 @@ def run(
         else None
     )
     step_fn = GRPOStep(cfg, trainer, rewards, tokenizer) if cfg.kind == "grpo" else SFTStep(cfg, trainer)
-    batch = cfg.grpo.prompts_per_step if cfg.kind == "grpo" else cfg.sft.batch_size
     metrics: dict[str, float] = {}
     try:
         bar = tqdm(
@@ -397,21 +479,26 @@ def run(
             total=cfg.steps,
             desc=f"train {cfg.kind}",
             unit="step",
-            disable=not progress,
+            disable=not (progress and primary),
         )
         for step in bar:
             t0 = time.perf_counter()
-            metrics = step_fn(source.next(batch), step)
+            metrics = step_fn(source.next(batch // count), step)
             metrics["time_step"] = time.perf_counter() - t0
-            log.write(step + 1, metrics)
+            if log is not None:
+                log.write(step + 1, metrics)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean") if k in metrics})
             if on_step is not None:
                 on_step(step + 1, metrics)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                checkpoints.save(step + 1, trainer.state(), {"data": source.state(), "step": step + 1})
+                meta = {"data": source.state(), "step": step + 1}
+                if count > 1:
+                    meta["data_per_process"] = allgather_objects(source.state())
+                checkpoints.save(step + 1, trainer.state(), meta)
     finally:
         checkpoints.close()
-        log.close()
+        if log is not None:
+            log.close()
         if rewards is not None:
             rewards.close()
     return metrics

@@ -87,6 +87,16 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _zeros(rows: int, row_len: int) -> dict[str, np.ndarray]:
+    return {
+        "tokens": np.zeros((rows, row_len), np.int32),
+        "targets": np.zeros((rows, row_len), np.int32),
+        "segment_ids": np.zeros((rows, row_len), np.int32),
+        "positions": np.zeros((rows, row_len), np.int32),
+        **{f: np.zeros((rows, row_len), np.float32) for f in FIELDS},
+    }
+
+
 def pack(items: Sequence[Item], row_len: int, rows: int) -> Packing:
     """Packs `items` into microbatches of `rows` rows of `row_len` slots."""
     if not items:
@@ -98,13 +108,7 @@ def pack(items: Sequence[Item], row_len: int, rows: int) -> Packing:
     n_micro = math.ceil(len(bins) / rows)
     microbatches = []
     for m in range(n_micro):
-        arrays = {
-            "tokens": np.zeros((rows, row_len), np.int32),
-            "targets": np.zeros((rows, row_len), np.int32),
-            "segment_ids": np.zeros((rows, row_len), np.int32),
-            "positions": np.zeros((rows, row_len), np.int32),
-            **{f: np.zeros((rows, row_len), np.float32) for f in FIELDS},
-        }
+        arrays = _zeros(rows, row_len)
         packed = []
         for r, members in enumerate(bins[m * rows : (m + 1) * rows]):
             offset = 0
@@ -132,3 +136,30 @@ def pack(items: Sequence[Item], row_len: int, rows: int) -> Packing:
         microbatches.append(Microbatch(**arrays, items=packed))
     unpacked_rows = len(items)
     return Packing(microbatches, len(bins), 1.0 - len(bins) / unpacked_rows)
+
+
+def pack_across_processes(items: Sequence[Item], row_len: int, rows: int) -> Packing:
+    """`pack` of this process's share of a minibatch split over the processes.
+
+    Each process packs its own `items` (possibly none) into microbatches of `rows / process_count`
+    rows; the processes agree on the number of microbatches (a process with fewer adds empty
+    ones, which weigh nothing), so global microbatch m is every process's microbatch m, one
+    block of rows each (`sharding.local_batch_to_global`). `padding_saved` is that of the whole
+    minibatch. In a single process, exactly `pack(items, row_len, rows)`.
+    """
+    import jax
+
+    from magistral_jax.distributed import allgather
+
+    count = jax.process_count()
+    if count == 1:
+        return pack(items, row_len, rows)
+    if rows % count:
+        raise ValueError(f"pack: {rows} rows per microbatch do not split over {count} processes")
+    local_rows = rows // count
+    packing = pack(items, row_len, local_rows) if items else Packing([], 0, 0.0)
+    n_micro, rows_used, n_items = allgather([len(packing.microbatches), packing.rows_used, len(items)]).T
+    if not n_items.sum():
+        raise ValueError("pack: no sequences to pack on any process")
+    empty = [Microbatch(**_zeros(local_rows, row_len)) for _ in range(int(n_micro.max()) - len(packing.microbatches))]
+    return Packing(packing.microbatches + empty, int(rows_used.sum()), 1.0 - rows_used.sum() / n_items.sum())

@@ -21,6 +21,7 @@ import optax
 from magistral_jax.config import ModelConfig
 from magistral_jax.model.decoder import token_logprobs
 from magistral_jax.rl.losses import k3_kl, token_losses
+from magistral_jax.sharding import local_batch_to_global
 from magistral_jax.train.packing import FIELDS, Microbatch
 
 
@@ -113,6 +114,32 @@ def microbatch_loss(params, mb: dict[str, jax.Array], cfg: ModelConfig, objectiv
     return jnp.sum(per_token * mb["weights"]), stats
 
 
+def guarded_update(tx, params, opt_state, grads, loss):
+    """The optimizer update, skipped (state unchanged) when the loss or a gradient is not finite;
+    returns (params, opt_state, finite, gradient norm)."""
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+    def update(args):
+        params, opt_state = args
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda a: a, (params, opt_state))
+    return params, opt_state, finite, optax.tree.norm(grads)
+
+
+# Compiled once per (config, objective, chunk) and shapes, shared by every trainer.
+_loss_and_grad = jax.jit(
+    jax.value_and_grad(microbatch_loss, has_aux=True), static_argnames=("cfg", "objective", "chunk")
+)
+_add_trees = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+# Likewise the update, per optimizer (one object per configuration) and parameter layout; the
+# last few are kept.
+_shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
+_APPLY: dict[Any, Any] = {}
+_APPLY_KEEP = 16
+
+
 class Trainer:
     """Holds the parameters and optimizer state of a `Model` and trains them on microbatches."""
 
@@ -132,17 +159,12 @@ class Trainer:
         self.max_nonfinite = max_nonfinite
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.tx, self.schedule = make_optimizer(optimizer, total_steps)
+        self.tx, self.schedule = _shared_optimizer(optimizer, total_steps)
         with model.mesh_context():
             self.opt_state = jax.jit(self.tx.init)(model.params)
         self.step = 0
-        cfg = model.cfg
-        self._grad = jax.jit(
-            jax.value_and_grad(
-                functools.partial(microbatch_loss, cfg=cfg, objective=objective, chunk=chunk), has_aux=True
-            )
-        )
-        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+        self._grad = functools.partial(_loss_and_grad, cfg=model.cfg, objective=objective, chunk=chunk)
+        self._add = _add_trees
         self._apply = None
 
     def _build_apply(self):
@@ -150,24 +172,33 @@ class Trainer:
             jax.tree.map(lambda x: x.sharding, self.model.params),
             jax.tree.map(lambda x: x.sharding, self.opt_state),
         )
+        key = (self.tx, jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
+        if key not in _APPLY:
+            if len(_APPLY) >= _APPLY_KEEP:
+                del _APPLY[next(iter(_APPLY))]
+            _APPLY[key] = self._make_apply(shardings)
+        return _APPLY[key]
+
+    def _make_apply(self, shardings):
         tx = self.tx
 
         def apply(params, opt_state, grads, loss):
-            finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-
-            def update(args):
-                params, opt_state = args
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state
-
-            params, opt_state = jax.lax.cond(finite, update, lambda a: a, (params, opt_state))
-            return params, opt_state, finite, optax.tree.norm(grads)
+            return guarded_update(tx, params, opt_state, grads, loss)
 
         return jax.jit(apply, donate_argnums=(0, 1), out_shardings=(*shardings, None, None))
 
+    def place(self, x: np.ndarray) -> jax.Array:
+        """This process's rows of a [rows, T] batch as a global array (one process: all rows,
+        `Model.place_batch`; several: `sharding.local_batch_to_global`)."""
+        if jax.process_count() == 1:
+            return self.model.place_batch(x)
+        if self.model.mesh is None:
+            raise ValueError("a multi-process trainer needs a model on a mesh")
+        return local_batch_to_global(x, self.model.mesh, self.model.cfg.rules)
+
     def _place(self, mb: Microbatch) -> dict[str, jax.Array]:
         names = ("tokens", "targets", "segment_ids", "positions", *FIELDS)
-        return {n: self.model.place_batch(getattr(mb, n)) for n in names}
+        return {n: self.place(getattr(mb, n)) for n in names}
 
     def gradients(self, microbatches: list[Microbatch]) -> tuple[Any, jax.Array, dict[str, float]]:
         """Loss, gradients and metric sums of a minibatch, accumulated over its microbatches."""
@@ -185,7 +216,11 @@ class Trainer:
         return grads, loss, {k: float(v) for k, v in sums.items()}
 
     def train_step(self, microbatches: list[Microbatch]) -> dict[str, float]:
-        """One optimizer update from the minibatch in `microbatches`; returns its metrics."""
+        """One optimizer update from the minibatch in `microbatches`; returns its metrics.
+
+        In a multi-process run every process passes its own rows of the same number of
+        microbatches (`packing.pack_across_processes`); the update and metrics are global.
+        """
         grads, loss, sums = self.gradients(microbatches)
         if self._apply is None:
             self._apply = self._build_apply()
