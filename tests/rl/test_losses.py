@@ -1,5 +1,7 @@
 """The GRPO-family objectives against separate NumPy implementations of their formulas."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +76,7 @@ def _oracle(variant, groups, rewards, lengths, old, new, ref):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_loss_and_gradient_match_the_formula(variant):
-    groups, rewards, lengths, old, new, ref = _batch(seed=hash(variant) % 1000)
+    groups, rewards, lengths, old, new, ref = _batch(seed=zlib.crc32(variant.encode()) % 1000)
     v = get_variant(variant)
     adv, weights = v.fn(rewards, groups, lengths, BUDGET)
     width = int(lengths.max())
