@@ -64,6 +64,9 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides, kind=args.kind)
     if args.devices:
         simulate_devices(args.devices)
+    elif cfg.kind == "grpo" and cfg.async_rl.enabled and cfg.async_rl.trainer_devices:
+        # The generator and trainer devices, simulated when this runs on the CPU.
+        simulate_devices(cfg.async_rl.generator_devices + cfg.async_rl.trainer_devices)
     from magistral_jax import distributed
 
     # Before any JAX computation: joins the other processes of a multi-host run, if any.

@@ -52,17 +52,35 @@ class Source(abc.ABC):
 
 
 class RandomPrompts(Source):
-    """Prompts of random tokens in [low, high), of `min_len` to `max_len` tokens after `<s>`."""
+    """Prompts of random tokens in [low, high), of `min_len` to `max_len` tokens after `<s>`.
 
-    def __init__(self, seed: int = 0, low: int = 3, high: int = 100, min_len: int = 4, max_len: int = 8):
+    `budget: [lo, hi]` gives each prompt a budget of new tokens drawn uniformly from it (the
+    `max_new_tokens` field, which GRPO honours): a workload with a chosen spread of completion
+    lengths even for a model that never stops by itself.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        low: int = 3,
+        high: int = 100,
+        min_len: int = 4,
+        max_len: int = 8,
+        budget: list[int] | None = None,
+    ):
         super().__init__(seed)
         if not 0 <= low < high or not 1 <= min_len <= max_len:
             raise ValueError(f"random_prompts: bad ranges low={low} high={high} min_len={min_len} max_len={max_len}")
-        self.low, self.high, self.min_len, self.max_len = low, high, min_len, max_len
+        if budget is not None and (len(budget) != 2 or not 1 <= budget[0] <= budget[1]):
+            raise ValueError(f"random_prompts: budget must be [lo, hi] with 1 <= lo <= hi, got {budget}")
+        self.low, self.high, self.min_len, self.max_len, self.budget = low, high, min_len, max_len, budget
 
     def example(self, rng: np.random.Generator) -> Example:
         n = int(rng.integers(self.min_len, self.max_len + 1))
-        return Example([BOS, *rng.integers(self.low, self.high, n).tolist()])
+        prompt = [BOS, *rng.integers(self.low, self.high, n).tolist()]
+        if self.budget is None:
+            return Example(prompt)
+        return Example(prompt, fields={"max_new_tokens": int(rng.integers(self.budget[0], self.budget[1] + 1))})
 
 
 class ReverseDigits(Source):

@@ -47,17 +47,30 @@ BUCKET = 128
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    """Everything the decode loop carries (a pytree; donated from one chunk to the next)."""
+    """Everything the decode loop carries (a pytree; donated from one chunk to the next).
+
+    Each row keeps its own count of generated tokens, budget and PRNG key, so rows may start at
+    different times (continuous batching refills a finished row with a new prompt between two
+    chunks, see `sampling.continuous`) and a row's draws depend only on its key and its own token
+    index, not on the batch around it.
+    """
 
     cache: decoder.KVCache
     logits: jax.Array  # [R, V] float32: the distribution of each row's next token
-    step: jax.Array  # [] int32: tokens generated so far
+    logits_version: jax.Array  # [R] int32: the policy version whose forward computed `logits`
+    step: jax.Array  # [] int32: decode steps run so far
     tokens: jax.Array  # [R, T] int32 (0 after a row's end)
     logprobs: jax.Array  # [R, T] float32, under the sampling temperature
     raw_logprobs: jax.Array  # [R, T] float32
-    done: jax.Array  # [R] bool
+    versions: jax.Array  # [R, T] int32: the policy version each token was drawn from
+    done: jax.Array  # [R] bool: the row drew a stop token
     lengths: jax.Array  # [R] int32: tokens generated per row, the stop token included
-    key: jax.Array  # PRNG key of the run
+    limits: jax.Array  # [R] int32: each row's budget of new tokens (<= T)
+    keys: jax.Array  # [R] PRNG keys, one per row
+
+    def live(self) -> jax.Array:
+        """[R] bool: rows that still generate."""
+        return ~self.done & (self.lengths < self.limits)
 
 
 @dataclass
@@ -87,16 +100,32 @@ def _round_up(x: int, multiple: int) -> int:
     return max(multiple, math.ceil(x / multiple) * multiple)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "cache_len", "max_new"))
-def _prefill(
-    params, prompts, lengths, key, images, *, cfg: ModelConfig, n: int, cache_len: int, max_new: int
-) -> DecodeState:
+def empty_outputs(rows: int, max_new: int) -> dict[str, jax.Array]:
+    """The per-token buffers of a `DecodeState` for `rows` rows of `max_new` tokens, zeroed."""
+    return dict(
+        tokens=jnp.zeros((rows, max_new), jnp.int32),
+        logprobs=jnp.zeros((rows, max_new), jnp.float32),
+        raw_logprobs=jnp.zeros((rows, max_new), jnp.float32),
+        versions=jnp.zeros((rows, max_new), jnp.int32),
+    )
+
+
+def prefill_rows(params, prompts, lengths, cfg: ModelConfig, cache_len: int, images=None):
+    """Prefills `prompts` (right-padded to `lengths`) into a fresh cache of `cache_len` slots;
+    returns the cache and the logits after each prompt's last token."""
     b, p = prompts.shape
     segments = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
     cache = decoder.KVCache.init(cfg, b, cache_len)
     x = None if images is None else vision.embed_with_images(params, prompts, images, cfg)
     logits, cache = decoder.forward(params, prompts, cfg, segment_ids=segments, cache=cache, embeddings=x)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return cache, jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "cache_len", "max_new"))
+def _prefill(
+    params, prompts, lengths, key, images, limits=None, *, cfg: ModelConfig, n: int, cache_len: int, max_new: int
+) -> DecodeState:
+    cache, last = prefill_rows(params, prompts, lengths, cfg, cache_len, images)
     # n samples per prompt: repeat the filled cache rather than prefilling again.
     repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
     cache = decoder.KVCache(
@@ -105,48 +134,64 @@ def _prefill(
         positions=repeat(cache.positions, 0),
         lengths=repeat(cache.lengths, 0),
     )
-    rows = b * n
+    rows = prompts.shape[0] * n
+    limits = jnp.full((rows,), max_new, jnp.int32) if limits is None else repeat(limits, 0)
     return DecodeState(
         cache=cache,
         logits=repeat(last, 0),
+        logits_version=jnp.zeros((rows,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
-        tokens=jnp.zeros((rows, max_new), jnp.int32),
-        logprobs=jnp.zeros((rows, max_new), jnp.float32),
-        raw_logprobs=jnp.zeros((rows, max_new), jnp.float32),
+        **empty_outputs(rows, max_new),
         done=jnp.zeros((rows,), bool),
         lengths=jnp.zeros((rows,), jnp.int32),
-        key=key,
+        limits=limits,
+        keys=jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows)),
     )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids"), donate_argnums=1)
 def _decode(
-    params, state: DecodeState, limit, *, cfg: ModelConfig, sampling: SamplingParams, stop_ids: tuple[int, ...]
+    params,
+    state: DecodeState,
+    limit,
+    version=0,
+    *,
+    cfg: ModelConfig,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
 ):
+    """Decode steps until `state.step` reaches `limit` or no row is live; `version` is recorded
+    as the policy version of the logits these parameters compute."""
     rows = state.done.shape[0]
     stops = jnp.asarray(stop_ids, jnp.int32)
+    version = jnp.asarray(version, jnp.int32)
 
     def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done)
+        return (s.step < limit) & jnp.any(s.live())
 
     def body(s: DecodeState) -> DecodeState:
-        # One key per (row, step): a row's draws do not depend on the batch it is in.
-        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(s.key, r), s.step))(jnp.arange(rows))
+        # One key per (row, token index): a row's draws do not depend on the batch it is in.
+        keys = jax.vmap(jax.random.fold_in)(s.keys, s.lengths)
         token, logprob, raw = choose(s.logits, keys, sampling)
-        live = ~s.done
+        live = s.live()
         token = jnp.where(live, token, 0)
-        write = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, jnp.where(live, x, 0), s.step, 1)  # noqa: E731
-        logits, cache = decoder.forward(params, token[:, None], cfg, cache=s.cache)
+        at = jnp.where(live, s.lengths, s.tokens.shape[1])  # out of range: dropped
+        write = lambda buf, x: buf.at[jnp.arange(rows), at].set(x, mode="drop")  # noqa: E731
+        # Rows that no longer generate add nothing to their cache.
+        segments = live[:, None].astype(jnp.int32)
+        logits, cache = decoder.forward(params, token[:, None], cfg, segment_ids=segments, cache=s.cache)
         return dataclasses.replace(
             s,
             cache=cache,
             logits=logits[:, 0],
+            logits_version=jnp.where(live, version, s.logits_version),
             step=s.step + 1,
             tokens=write(s.tokens, token),
             logprobs=write(s.logprobs, logprob),
             raw_logprobs=write(s.raw_logprobs, raw),
+            versions=write(s.versions, s.logits_version),
             done=s.done | (live & jnp.isin(token, stops)),
-            lengths=jnp.where(live, s.step + 1, s.lengths),
+            lengths=s.lengths + live,
         )
 
     return jax.lax.while_loop(cond, body, state)
@@ -178,13 +223,15 @@ class Sampler:
         self,
         prompts: Sequence[Sequence[int]],
         n: int,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         seed: int,
         images: Sequence[Sequence[Any]] | None = None,
     ) -> DecodeState:
         cfg = self.model.cfg
         if not prompts:
             raise ValueError("prompts: at least one prompt is expected")
+        budgets = _budgets(max_new_tokens, len(prompts))
+        max_new_tokens = int(budgets.max())
         lengths = np.array([len(p) for p in prompts], np.int32)
         if lengths.min() < 1:
             raise ValueError(f"prompt {int(lengths.argmin())} is empty")
@@ -202,7 +249,7 @@ class Sampler:
             raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
         cache_len = _round_up(width + max_new_tokens, BUCKET)
         if jax.process_count() > 1:
-            _check_same_on_every_process(batch, lengths, n, max_new_tokens, seed)
+            _check_same_on_every_process(batch, lengths, budgets, n, seed)
         vision_inputs = None if images is None else image_inputs(batch, images, cfg)
         with self.model.mesh_context():
             return _prefill(
@@ -211,6 +258,7 @@ class Sampler:
                 jnp.asarray(lengths),
                 jax.random.key(seed),
                 vision_inputs,
+                jnp.asarray(budgets),
                 cfg=cfg,
                 n=n,
                 cache_len=cache_len,
@@ -218,6 +266,7 @@ class Sampler:
             )
 
     def _decode(self, state: DecodeState, limit: int, sampling: SamplingParams) -> DecodeState:
+        # A fixed-weights sampler: every token comes from policy version 0.
         with self.model.mesh_context():
             return _decode(
                 self.model.params,
@@ -232,7 +281,7 @@ class Sampler:
         self,
         prompts: Sequence[Sequence[int]],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         n: int = 1,
         sampling: SamplingParams = MAGISTRAL,
         seed: int = 0,
@@ -240,24 +289,26 @@ class Sampler:
         images: Sequence[Sequence[Any]] | None = None,
     ) -> Iterator[Chunk]:
         """Yields the new tokens of every row every `chunk` decode steps (see `Chunk`); `images`
-        are the prompts' images as `Model.logits` takes them."""
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+        are the prompts' images as `Model.logits` takes them. `max_new_tokens` is one budget for
+        every prompt or one per prompt."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
         if chunk < 1:
             raise ValueError(f"chunk: a positive number of tokens is expected, got {chunk}")
         state = self._start(prompts, n, max_new_tokens, seed, images)
+        longest = state.tokens.shape[1]
         seen = 0
         while True:
-            state = self._decode(state, min(seen + chunk, max_new_tokens), sampling)
+            state = self._decode(state, min(seen + chunk, longest), sampling)
             step = int(state.step)
-            tokens, lengths, done = (
+            tokens, lengths, live = (
                 to_host(state.tokens[:, seen:step]),
                 to_host(state.lengths),
-                to_host(state.done),
+                to_host(state.live()),
             )
             new = [row[: max(0, int(length) - seen)].tolist() for row, length in zip(tokens, lengths, strict=True)]
-            last = step >= max_new_tokens or bool(done.all())
-            yield Chunk(new, done, _output(state) if last else None)
+            last = not live.any()
+            yield Chunk(new, ~live, _output(state) if last else None)
             if last:
                 return
             seen = step
@@ -266,31 +317,43 @@ class Sampler:
         self,
         prompts: Sequence[Sequence[int]],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         n: int = 1,
         sampling: SamplingParams = MAGISTRAL,
         seed: int = 0,
         images: Sequence[Sequence[Any]] | None = None,
     ) -> SampleOutput:
-        """Completions of every prompt, `n` each, in one compiled decode loop."""
+        """Completions of every prompt, `n` each, in one compiled decode loop (`max_new_tokens`:
+        one budget for all prompts or one per prompt)."""
         *_, last = self.stream(
             prompts,
             max_new_tokens=max_new_tokens,
             n=n,
             sampling=sampling,
             seed=seed,
-            chunk=max_new_tokens,
+            chunk=max(1, int(np.max(max_new_tokens))),
             images=images,
         )
         assert last.output is not None
         return last.output
 
 
-def _check_same_on_every_process(batch: np.ndarray, lengths: np.ndarray, n: int, max_new: int, seed: int) -> None:
+def _budgets(max_new_tokens: int | Sequence[int], prompts: int) -> np.ndarray:
+    budgets = np.atleast_1d(np.asarray(max_new_tokens))
+    if budgets.ndim != 1 or budgets.dtype.kind not in "iu" or (budgets.size != 1 and budgets.size != prompts):
+        raise ValueError(f"max_new_tokens: an integer or one integer per prompt ({prompts}) is expected")
+    if budgets.min() < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {budgets.min()}")
+    return np.broadcast_to(budgets, (prompts,)).astype(np.int32)
+
+
+def _check_same_on_every_process(
+    batch: np.ndarray, lengths: np.ndarray, budgets: np.ndarray, n: int, seed: int
+) -> None:
     from magistral_jax.distributed import allgather
 
     digest = hashlib.blake2b(digest_size=8)
-    for part in (batch, lengths, np.asarray([n, max_new, seed], np.int64)):
+    for part in (batch, lengths, budgets, np.asarray([n, seed], np.int64)):
         digest.update(np.ascontiguousarray(part).tobytes())
     digests = allgather(np.frombuffer(digest.digest(), np.int64)[0])
     if len(set(digests.tolist())) > 1:

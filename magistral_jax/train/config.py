@@ -39,6 +39,33 @@ class GRPOConfig:
 
 
 @dataclass(frozen=True)
+class AsyncConfig:
+    """Magistral's asynchronous RL (see `train.async_grpo`); `enabled: false` trains synchronously,
+    sampling and training in turn on all devices."""
+
+    enabled: bool = False
+    generator_devices: int = 1  # the first devices: generation
+    trainer_devices: int = 0  # the next ones: training (0: all the rest)
+    generator_mesh: str = ""  # the generator devices' mesh (`data=..,fsdp=..,tensor=..`)
+    slots: int = 0  # n_async: sequences decoded at once (0: n_batch = prompts_per_step * group_size)
+    chunk: int = 16  # decode steps between refills of finished slots and weight swaps
+    max_async_ratio: float = 2.0  # completions generating + queued <= ratio * n_batch
+    max_prompt_len: int = 512  # the longest prompt (fixes the generator's cache)
+    verifiers: int = 2  # threads that score finished groups (each may use the reward pool)
+
+    def __post_init__(self) -> None:
+        for name in ("generator_devices", "chunk", "max_prompt_len", "verifiers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"async_rl.{name}: a positive integer is expected, got {getattr(self, name)!r}")
+        if self.trainer_devices < 0 or self.slots < 0:
+            raise ValueError("async_rl.trainer_devices and async_rl.slots: >= 0 expected (0: the default)")
+        if not self.max_async_ratio >= 1:
+            raise ValueError(
+                f"async_rl.max_async_ratio: at least 1 (the queue must hold a batch), got {self.max_async_ratio}"
+            )
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     batch_size: int = 32
 
@@ -63,6 +90,7 @@ class RunConfig:
       logprob_chunk: sequence chunk of the chunked log-probabilities.
       max_nonfinite: stop after this many non-finite updates in a row.
       tokenizer: tokenizer file for decoding completions for text rewards (None: token ids).
+      async_rl: asynchronous generation and training on disjoint devices (`AsyncConfig`).
     """
 
     kind: str
@@ -84,6 +112,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    async_rl: AsyncConfig = field(default_factory=AsyncConfig)
     data: dict[str, Any] = field(default_factory=lambda: {"name": "random_prompts"})
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "token_frequency"})
 
@@ -109,13 +138,19 @@ class RunConfig:
             raise ConfigError("grpo.group_size: at least 2 completions per prompt are needed for an advantage")
         if g.minibatches > g.prompts_per_step:
             raise ConfigError(f"grpo.minibatches: {g.minibatches} minibatches of {g.prompts_per_step} prompts")
+        n_batch = g.prompts_per_step * g.group_size
+        if self.async_rl.slots > self.async_rl.max_async_ratio * n_batch:
+            raise ConfigError(
+                f"async_rl.slots: {self.async_rl.slots} sequences in flight exceed max_async_ratio x n_batch = "
+                f"{self.async_rl.max_async_ratio} x {n_batch}"
+            )
         if not 0 <= g.eps_low < 1 or g.eps_high < 0:
             raise ConfigError(
                 f"grpo.eps_low / eps_high: 0 <= eps_low < 1 and eps_high >= 0, got {g.eps_low}, {g.eps_high}"
             )
 
 
-_SECTIONS = {"optimizer": OptimizerConfig, "grpo": GRPOConfig, "sft": SFTConfig}
+_SECTIONS = {"optimizer": OptimizerConfig, "grpo": GRPOConfig, "sft": SFTConfig, "async_rl": AsyncConfig}
 
 
 def _build(d: dict[str, Any], where: str) -> RunConfig:

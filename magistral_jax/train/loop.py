@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -79,13 +80,22 @@ def build_model(cfg: RunConfig, mesh):
     return init_model(_model_config(cfg).replace(param_dtype=cfg.param_dtype), cfg.seed, mesh=mesh)
 
 
-def build_trainer(cfg: RunConfig, model=None) -> Trainer:
-    """The trainer of a run, around `model` or the model the config builds."""
+def build_trainer(cfg: RunConfig, model=None, devices: list | None = None) -> Trainer:
+    """The trainer of a run, around `model` or the model the config builds, on `devices` (default
+    all; a given model is moved onto their mesh)."""
     from magistral_jax.sharding import make_mesh, parse_mesh
 
+    mesh = None
+    if cfg.mesh or len(devices or jax.devices()) > 1:
+        mesh = make_mesh(**parse_mesh(cfg.mesh), devices=devices)
     if model is None:
-        mesh = make_mesh(**parse_mesh(cfg.mesh)) if cfg.mesh or len(jax.devices()) > 1 else None
         model = build_model(cfg, mesh)
+    elif devices is not None:
+        from magistral_jax.model import param_specs
+        from magistral_jax.model import params as P
+
+        model.params = jax.device_put(model.params, P.shardings(param_specs(model.cfg), mesh, model.cfg.rules))
+        model.mesh = mesh
     objective = Objective(
         kind="sft" if cfg.kind == "sft" else "pg",
         eps_low=cfg.grpo.eps_low,
@@ -242,6 +252,23 @@ class ProcessShard:
         self.source.restore(state)
 
 
+def budget(example: Example, default: int) -> int:
+    """An example's budget of new tokens: its `max_new_tokens` field, capped by the run's."""
+    return min(int(example.fields.get("max_new_tokens", default)), default)
+
+
+@dataclass
+class Rollouts:
+    """Scored completions of whole groups: row `g * group_size + i` is sample i of prompt g."""
+
+    prompts: list[list[int]]  # per group
+    completions: list[list[int]]  # per row, the stop token included
+    logprobs: list[np.ndarray]  # per row: the sampler's log-probabilities (the loss's pi_old)
+    finish_reasons: list[str]
+    rewards: np.ndarray
+    components: dict[str, np.ndarray]
+
+
 class GRPOStep:
     """One synchronous GRPO step (sampling, scoring, filtering, minibatches, updates)."""
 
@@ -268,8 +295,6 @@ class GRPOStep:
         return self.tokenizer.decode(ids, keep_special=True)
 
     def __call__(self, examples: list[Example], step: int) -> dict[str, float]:
-        from magistral_jax.rl.losses import constant_groups
-
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.perf_counter()
         # Every process samples the whole step's prompts (in process order) and scores its own.
@@ -278,89 +303,109 @@ class GRPOStep:
         prompts = _concat([e.prompt for e in examples])
         out = self.sampler.sample(
             prompts,
-            max_new_tokens=g.max_new_tokens,
+            max_new_tokens=_concat([budget(e, g.max_new_tokens) for e in examples]),
             n=g.group_size,
             sampling=self.sampling,
             seed=_step_key(cfg.seed, step),
         )
         t1 = time.perf_counter()
         rows = len(out.lengths)
-        groups = np.arange(rows) // g.group_size
         completions = [out.completion(r) for r in range(rows)]
         mine = range(first, first + len(examples) * g.group_size)  # this process's rows
-        fields: dict[str, list[Any]] = {"completion_ids": [completions[r] for r in mine]}
-        for key in examples[0].fields:
-            fields[key] = [examples[(r - first) // g.group_size].fields[key] for r in mine]
-        scored = self.rewards(
-            [self._text(prompts[r // g.group_size]) for r in mine],
-            [self._text(completions[r]) for r in mine],
-            **fields,
+        scored = self.score(
+            [prompts[r // g.group_size] for r in mine],
+            [completions[r] for r in mine],
+            [examples[(r - first) // g.group_size] for r in mine],
         )
         rewards, components = np.asarray(scored.rewards, np.float64), scored.components
         if jax.process_count() > 1:  # every process's scores, in row order
             rewards = np.asarray(_concat(rewards.tolist()), np.float64)
             components = {k: _concat(np.asarray(v, np.float64).tolist()) for k, v in components.items()}
         t2 = time.perf_counter()
-        lengths = np.asarray(out.lengths)
+        rollouts = Rollouts(
+            prompts=prompts,
+            completions=completions,
+            logprobs=[out.logprobs[r, : out.lengths[r]] for r in range(rows)],
+            finish_reasons=out.finish_reasons,
+            rewards=rewards,
+            components={k: np.asarray(v, np.float64) for k, v in components.items()},
+        )
+        metrics = self.update(rollouts, mine)
+        t3 = time.perf_counter()
+        metrics.update(
+            time_sampling=t1 - t0,
+            time_scoring=t2 - t1,
+            time_training=t3 - t2,
+            tokens_per_s=float(out.lengths.sum() + metrics["trained_tokens"]) / (t3 - t0),
+        )
+        return metrics
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]], examples: list[Example]):
+        """The reward pool's output for completions of their prompts (one example per row)."""
+        fields: dict[str, list[Any]] = {"completion_ids": completions}
+        for key in examples[0].fields:
+            fields[key] = [e.fields[key] for e in examples]
+        return self.rewards([self._text(p) for p in prompts], [self._text(c) for c in completions], **fields)
+
+    def update(self, r: Rollouts, mine: range | None = None) -> dict[str, float]:
+        """Filters, splits into minibatches and trains on scored groups; `mine`: the rows this
+        process trains (default all). Returns the step's metrics but its timings."""
+        from magistral_jax.rl.losses import constant_groups
+
+        cfg, g = self.cfg, self.cfg.grpo
+        rows = len(r.completions)
+        mine = range(rows) if mine is None else mine
+        groups = np.arange(rows) // g.group_size
+        lengths = np.array([len(c) for c in r.completions])
         if g.filter_metric == "reward":
-            signal = rewards
-        elif g.filter_metric in components:
-            signal = np.asarray(components[g.filter_metric], np.float64)
+            signal = r.rewards
+        elif g.filter_metric in r.components:
+            signal = r.components[g.filter_metric]
         else:
             raise ConfigError(
                 f"grpo.filter_metric: {g.filter_metric!r} is not a component of the reward "
-                f"({', '.join(components)}) nor 'reward'"
+                f"({', '.join(r.components)}) nor 'reward'"
             )
         constant = constant_groups(signal, groups)
         keep = ~constant if self.variant.filter_constant_groups else np.ones(rows, bool)
         metrics: dict[str, float] = {
-            "reward_mean": float(rewards.mean()),
-            **{f"reward_{k}": float(np.mean(v)) for k, v in components.items()},
+            "reward_mean": float(r.rewards.mean()),
+            **{f"reward_{k}": float(np.mean(v)) for k, v in r.components.items()},
             "filtered_groups_frac": float(constant.reshape(-1, g.group_size)[:, 0].mean())
             if self.variant.filter_constant_groups
             else 0.0,
             "completion_len_mean": float(lengths.mean()),
             "completion_len_max": float(lengths.max()),
-            "stopped_frac": float(np.mean([f == "stop" for f in out.finish_reasons])),
+            "stopped_frac": float(np.mean([f == "stop" for f in r.finish_reasons])),
         }
         kept_groups = np.unique(groups[keep])
         updates = []
-        longest = max(len(p) for p in prompts) + g.max_new_tokens
-        row_len = _row_len(cfg, longest)
+        row_len = _row_len(cfg, max(len(p) for p in r.prompts) + g.max_new_tokens)
         saved = []
         for part in np.array_split(kept_groups, min(g.minibatches, len(kept_groups))) if len(kept_groups) else []:
             rows_in = np.flatnonzero(np.isin(groups, part))
-            adv, weights = self.variant.fn(rewards[rows_in], groups[rows_in], lengths[rows_in], g.max_new_tokens)
+            adv, weights = self.variant.fn(r.rewards[rows_in], groups[rows_in], lengths[rows_in], g.max_new_tokens)
             items = [
                 Item(
-                    tokens=prompts[r // g.group_size] + completions[r],
-                    loss_start=len(prompts[r // g.group_size]),
+                    tokens=r.prompts[row // g.group_size] + r.completions[row],
+                    loss_start=len(r.prompts[row // g.group_size]),
                     weight=float(w),
                     advantage=float(a),
-                    old_logprobs=out.logprobs[r, : lengths[r]].tolist(),
+                    old_logprobs=np.asarray(r.logprobs[row]).tolist(),
                 )
-                for r, a, w in zip(rows_in, adv, weights, strict=True)
-                if mine.start <= r < mine.stop
+                for row, a, w in zip(rows_in, adv, weights, strict=True)
+                if mine.start <= row < mine.stop
             ]
             packing = pack_across_processes(items, row_len, _rows(cfg, row_len, self.trainer))
             if self.ref_params is not None:
                 self._fill_reference(packing.microbatches)
             saved.append(packing.padding_saved)
             updates.append(self.trainer.train_step(packing.microbatches))
-        t3 = time.perf_counter()
-        trained = sum(u["trained_tokens"] for u in updates)
         if updates:
             for k in updates[0]:
                 metrics[k] = float(np.mean([u[k] for u in updates]))
             metrics["padding_saved"] = float(np.mean(saved))
-        metrics.update(
-            updates=float(len(updates)),
-            trained_tokens=float(trained),
-            time_sampling=t1 - t0,
-            time_scoring=t2 - t1,
-            time_training=t3 - t2,
-            tokens_per_s=float(lengths.sum() + trained) / (t3 - t0),
-        )
+        metrics.update(updates=float(len(updates)), trained_tokens=float(sum(u["trained_tokens"] for u in updates)))
         return metrics
 
     def _fill_reference(self, microbatches) -> None:
@@ -437,7 +482,13 @@ def run(
     from magistral_jax.rl.rewards import RewardPool
 
     os.makedirs(cfg.run_dir, exist_ok=True)
-    trainer = build_trainer(cfg, model)
+    asynchronous = cfg.kind == "grpo" and cfg.async_rl.enabled
+    devices = None
+    if asynchronous:
+        from magistral_jax.train.async_grpo import split_devices
+
+        devices = split_devices(cfg.async_rl.generator_devices, cfg.async_rl.trainer_devices)
+    trainer = build_trainer(cfg, model, devices[1] if devices else None)
     if tokenizer is None and cfg.tokenizer:
         from magistral_jax.tokenizer import load_tokenizer
 
@@ -453,6 +504,7 @@ def run(
             source = ProcessShard(source, jax.process_index(), count)
     checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints)
     start = checkpoints.latest() or 0
+    meta: dict[str, Any] = {}
     if start:
         state, meta = checkpoints.restore(start, trainer.state())
         trainer.load_state(state)
@@ -472,29 +524,41 @@ def run(
     )
     step_fn = GRPOStep(cfg, trainer, rewards, tokenizer) if cfg.kind == "grpo" else SFTStep(cfg, trainer)
     metrics: dict[str, float] = {}
+
+    def finish(step: int, step_metrics: dict[str, float], data_state: Callable[[], dict[str, Any]]) -> None:
+        if log is not None:
+            log.write(step + 1, step_metrics)
+        bar.set_postfix({k: f"{step_metrics[k]:.3g}" for k in ("loss", "reward_mean") if k in step_metrics})
+        if on_step is not None:
+            on_step(step + 1, step_metrics)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            checkpoints.save(step + 1, trainer.state(), {**data_state(), "step": step + 1})
+
+    def data_state() -> dict[str, Any]:
+        out = {"data": source.state()}
+        if count > 1:
+            out["data_per_process"] = allgather_objects(source.state())
+        return out
+
     try:
         bar = tqdm(
             range(start, cfg.steps),
             initial=start,
             total=cfg.steps,
-            desc=f"train {cfg.kind}",
+            desc=f"train {cfg.kind}" + (" (async)" if asynchronous else ""),
             unit="step",
             disable=not (progress and primary),
         )
-        for step in bar:
-            t0 = time.perf_counter()
-            metrics = step_fn(source.next(batch // count), step)
-            metrics["time_step"] = time.perf_counter() - t0
-            if log is not None:
-                log.write(step + 1, metrics)
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward_mean") if k in metrics})
-            if on_step is not None:
-                on_step(step + 1, metrics)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                meta = {"data": source.state(), "step": step + 1}
-                if count > 1:
-                    meta["data_per_process"] = allgather_objects(source.state())
-                checkpoints.save(step + 1, trainer.state(), meta)
+        if asynchronous:
+            from magistral_jax.train.async_grpo import train_async
+
+            metrics = train_async(cfg, step_fn, source, devices[0], bar, meta=meta, finish=finish)
+        else:
+            for step in bar:
+                t0 = time.perf_counter()
+                metrics = step_fn(source.next(batch // count), step)
+                metrics["time_step"] = time.perf_counter() - t0
+                finish(step, metrics, data_state)
     finally:
         checkpoints.close()
         if log is not None:

@@ -129,5 +129,23 @@ def test_bad_requests(pair):
         sampler.sample([[1] * 10], max_new_tokens=model.cfg.text.max_position_embeddings)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 97\)"):
         sampler.sample([[1, 97]], max_new_tokens=4)
-    with pytest.raises(ValueError, match="n and max_new_tokens"):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         sampler.sample([[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"one integer per prompt \(2\)"):
+        sampler.sample([[1], [1, 5]], max_new_tokens=[3, 4, 5])
+
+
+def test_per_prompt_budgets_cut_the_rows_of_a_uniform_budget(pair):
+    # A row's draws depend only on its key and its token index, so a smaller budget truncates it.
+    _, model = pair
+    sampler = Sampler(model, stop_ids=())
+    prompts = [[1, 5, 9], [1, 7], [1, 3, 4, 8]]
+    full = sampler.sample(prompts, max_new_tokens=9, n=2, seed=3)
+    cut = sampler.sample(prompts, max_new_tokens=[2, 9, 5], n=2, seed=3)
+    assert cut.lengths.tolist() == [2, 2, 9, 9, 5, 5]
+    assert cut.finish_reasons == ["length"] * 6
+    for row in range(6):
+        n = cut.lengths[row]
+        np.testing.assert_array_equal(cut.tokens[row, :n], full.tokens[row, :n])
+        np.testing.assert_allclose(cut.logprobs[row, :n], full.logprobs[row, :n], rtol=1e-6)
+        assert not cut.tokens[row, n:].any()

@@ -1,0 +1,379 @@
+"""Magistral's asynchronous GRPO: generators that never wait for the trainer, weights updated in flight.
+
+The devices are split into two disjoint sets (`async_rl.generator_devices` then
+`async_rl.trainer_devices`), each with its own mesh and its own sharding of the same parameters.
+
+- The generator (a thread) decodes `async_rl.slots` sequences at once with a
+  `ContinuousBatcher`: every `async_rl.chunk` decode steps, finished sequences leave their slot and
+  new prompts take it. When all samples of a group have finished, the group goes to a verifier
+  thread (which scores it with the run's reward pool) and then into the queue.
+- The trainer (the calling thread) takes the oldest `prompts_per_step` scored groups of the queue,
+  trains on them exactly as the synchronous step does (`GRPOStep.update`: filtering, minibatches,
+  advantages, packing; the sampler's log-probabilities are the loss's pi_old) and pushes the new
+  weights to the generator mesh (`jax.device_put`, device to device). The generator swaps them in
+  between two decode chunks; in-flight sequences keep their KV cache, and every token records the
+  policy version it was drawn from.
+- The queue is bounded by `async_rl.max_async_ratio`: a group is admitted to generation only while
+  the completions generating, being scored and waiting in the queue stay within `ratio * n_batch`
+  (n_batch = prompts_per_step * group_size). This bounds how stale a trained token can be, and
+  makes the generator wait (for room, not for weights) when the trainer is the bottleneck.
+- Every admitted group is trained once, in the order the groups finish: none is dropped for being
+  slow, so the lengths of trained completions follow those generated (no bias toward short ones).
+
+Metrics (beside the trainer's, per step): `policy_lag_mean` / `policy_lag_max` (trainer version
+minus the version of each trained token), `queue_depth` (completions waiting when the trainer took
+its batch), `outstanding_max` (the most completions ever generating, being scored or queued: at
+most `ratio * n_batch`), `weight_push_s`, `generator_tokens_per_s` (since the previous step),
+`trainer_utilisation` (share of the step's wall time spent training) and `wait_s`.
+
+Resuming: group `g` is the g-th prompt drawn from the data source. A checkpoint stores the data
+state at the oldest group not yet trained and the ids of the later groups already trained; a resumed
+run draws again from there and skips the trained ones, so no prompt is lost or trained twice
+(in-flight sequences are generated again, with the restored weights). Which groups share a batch
+depends on timing, so asynchronous runs are not bit-reproducible, unlike synchronous ones.
+
+One process only: the generator and trainer sub-meshes are made of this process's devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from magistral_jax.config import ConfigError
+from magistral_jax.data.procedural import Example
+from magistral_jax.sampling.continuous import ContinuousBatcher, Finished, Request
+
+
+@dataclass
+class ScoredGroup:
+    """The `group_size` completions of one prompt (in sample order) with their rewards."""
+
+    gid: int
+    example: Example
+    finished: list[Finished]
+    rewards: np.ndarray
+    components: dict[str, np.ndarray]
+
+
+class RolloutQueue:
+    """Scored groups waiting for the trainer, with admission bounded by `capacity` completions
+    (generating + being scored + queued)."""
+
+    def __init__(self, capacity: int, group_size: int):
+        self.capacity, self.group_size = capacity, group_size
+        self.cond = threading.Condition()
+        self.in_flight = 0  # groups admitted, not yet queued
+        self.groups: collections.deque[ScoredGroup] = collections.deque()
+        self.peak = 0  # the most completions ever outstanding
+
+    def outstanding(self) -> int:
+        return (self.in_flight + len(self.groups)) * self.group_size
+
+    def try_admit(self) -> bool:
+        """Admits one more group if the bound allows it."""
+        with self.cond:
+            if self.outstanding() + self.group_size > self.capacity:
+                return False
+            self.in_flight += 1
+            self.peak = max(self.peak, self.outstanding())
+            return True
+
+    def put(self, group: ScoredGroup) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            self.groups.append(group)
+            self.cond.notify_all()
+
+    def take(self, n: int, check) -> tuple[list[ScoredGroup], int]:
+        """The oldest `n` groups (blocking) and the completions queued before taking them;
+        `check()` runs while waiting and raises if the producer failed."""
+        with self.cond:
+            while len(self.groups) < n:
+                check()
+                self.cond.wait(0.2)
+            depth = len(self.groups) * self.group_size
+            out = [self.groups.popleft() for _ in range(n)]
+            self.cond.notify_all()
+            return out, depth
+
+    def wait_for_room(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.outstanding() + self.group_size <= self.capacity, timeout)
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+
+def sample_seed(seed: int, gid: int, sample: int) -> int:
+    """The seed of sample `sample` of group `gid`: a function of the run's seed and the ids only."""
+    return int(np.random.default_rng((seed, gid, sample, 11)).integers(2**31))
+
+
+class Generator(threading.Thread):
+    """Draws groups, decodes them with continuous batching, sends finished groups to the verifiers.
+
+    Args:
+      batcher: the `ContinuousBatcher` on the generator mesh.
+      source: the data source (only this thread draws from it).
+      queue: the bounded `RolloutQueue`.
+      score: `score(example, finished) -> (rewards, components)` for one group (verifier threads).
+      next_gid / skip: the id of the next group to draw and the ids to skip (trained already).
+    """
+
+    def __init__(
+        self,
+        batcher: ContinuousBatcher,
+        source,
+        queue: RolloutQueue,
+        score,
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        seed: int,
+        verifiers: int,
+        next_gid: int = 0,
+        skip: set[int] | None = None,
+    ):
+        super().__init__(name="magistral-generator", daemon=True)
+        self.batcher, self.source, self.queue, self.score = batcher, source, queue, score
+        self.group_size, self.max_new_tokens, self.seed = group_size, max_new_tokens, seed
+        self.next_gid, self.skip = next_gid, set(skip or ())
+        self.lock = threading.Lock()
+        self.ledger: dict[int, Any] = {}  # gid -> the source's state before drawing it
+        self.pending: collections.deque[Request] = collections.deque()
+        self.collected: dict[int, list[Finished | None]] = {}
+        self.examples: dict[int, Example] = {}
+        self.mailbox: tuple[Any, int] | None = None
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.verifiers = ThreadPoolExecutor(max(1, verifiers), thread_name_prefix="magistral-verifier")
+        self.decode_s = 0.0
+
+    # ---- the trainer's side ----
+
+    def push(self, params, version: int) -> None:
+        """New weights (already on the generator mesh), swapped in before the next decode chunk."""
+        with self.lock:
+            self.mailbox = (params, version)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError("the generator thread failed") from self.error
+        if not self.is_alive() and not self.stopping.is_set():
+            raise RuntimeError("the generator thread stopped")
+
+    def data_state(self, trained: set[int]) -> dict[str, Any]:
+        """What a checkpoint keeps to resume the data: the source's state before the oldest group
+        not yet trained, that group's id, and the ids after it trained already."""
+        with self.lock:
+            untrained = [g for g in self.ledger if g not in trained]
+            first = min(untrained) if untrained else self.next_gid
+            data = self.ledger[first] if untrained else copy.deepcopy(self.source.state())
+            for g in [g for g in self.ledger if g < first]:
+                del self.ledger[g]
+        return {"data": data, "first_group": first, "trained_after": sorted(g for g in trained if g > first)}
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.queue.wake()
+        self.join()
+        self.verifiers.shutdown(wait=True, cancel_futures=True)
+
+    # ---- the generator thread ----
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                with self.lock:
+                    mail, self.mailbox = self.mailbox, None
+                if mail is not None:
+                    self.batcher.set_params(*mail)
+                self._fill()
+                if not self.batcher.busy:
+                    self.queue.wait_for_room(0.1)
+                    continue
+                t0 = time.perf_counter()
+                finished = self.batcher.step()
+                self.decode_s += time.perf_counter() - t0
+                for f in finished:
+                    self._collect(f)
+        except BaseException as e:  # reported to the trainer by `check`
+            self.error = e
+            self.queue.wake()
+
+    def _draw(self) -> tuple[int, Example]:
+        while True:
+            with self.lock:
+                gid = self.next_gid
+                self.ledger[gid] = copy.deepcopy(self.source.state())
+                (example,) = self.source.next(1)
+                self.next_gid += 1
+            if gid not in self.skip:
+                return gid, example
+            self.skip.discard(gid)
+
+    def _fill(self) -> None:
+        free = len(self.batcher.free_slots)
+        while len(self.pending) < free and self.queue.try_admit():
+            from magistral_jax.train.loop import budget
+
+            gid, example = self._draw()
+            self.examples[gid] = example
+            self.collected[gid] = [None] * self.group_size
+            limit = budget(example, self.max_new_tokens)
+            for i in range(self.group_size):
+                self.pending.append(Request(example.prompt, limit, sample_seed(self.seed, gid, i), (gid, i)))
+        take = [self.pending.popleft() for _ in range(min(free, len(self.pending)))]
+        self.batcher.insert(take)
+
+    def _collect(self, f: Finished) -> None:
+        gid, i = f.request.tag
+        parts = self.collected[gid]
+        parts[i] = f
+        if any(p is None for p in parts):
+            return
+        del self.collected[gid]
+        example = self.examples.pop(gid)
+        future = self.verifiers.submit(self._score, gid, example, parts)
+        future.add_done_callback(self._scored)
+
+    def _score(self, gid: int, example: Example, finished: list[Finished]) -> ScoredGroup:
+        rewards, components = self.score(example, finished)
+        return ScoredGroup(gid, example, finished, rewards, components)
+
+    def _scored(self, future: Future) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self.error = future.exception()
+            self.queue.wake()
+            return
+        self.queue.put(future.result())
+
+
+def split_devices(generator_devices: int, trainer_devices: int) -> tuple[list, list]:
+    """The generator's and the trainer's devices: the first `generator_devices`, then the next
+    `trainer_devices` (0: all the rest)."""
+    if jax.process_count() > 1:
+        raise ConfigError("async_rl: asynchronous training runs in one process (its devices are split in two)")
+    devices = jax.devices()
+    rest = len(devices) - generator_devices
+    trainer_devices = trainer_devices or rest
+    if generator_devices < 1 or trainer_devices < 1 or generator_devices + trainer_devices > len(devices):
+        raise ConfigError(
+            f"async_rl: {generator_devices} generator and {trainer_devices} trainer devices do not fit the "
+            f"{len(devices)} devices here (on the CPU, `magistral-jax train` simulates as many as the config needs)"
+        )
+    return devices[:generator_devices], devices[generator_devices : generator_devices + trainer_devices]
+
+
+def train_async(
+    cfg, step_fn, source, generator_devices: list, steps, *, meta: dict[str, Any], finish
+) -> dict[str, float]:
+    """Runs the asynchronous GRPO steps `steps` (an iterable of step indices, a progress bar say).
+
+    `step_fn` is the run's `GRPOStep` (its trainer on the trainer devices), `meta` the restored
+    checkpoint's metadata (empty for a new run), and `finish(step, metrics, data_state)` logs and
+    checkpoints a finished step (`data_state()` returns what the checkpoint keeps of the data).
+    """
+    from magistral_jax.api import Model
+    from magistral_jax.model import param_specs
+    from magistral_jax.model import params as P
+    from magistral_jax.sharding import make_mesh, parse_mesh
+    from magistral_jax.train.loop import Rollouts
+
+    a, g = cfg.async_rl, cfg.grpo
+    trainer = step_fn.trainer
+    model = trainer.model
+    mesh = make_mesh(**parse_mesh(a.generator_mesh), devices=generator_devices)
+    shardings = P.shardings(param_specs(model.cfg), mesh, model.cfg.rules)
+
+    def to_generator(params):
+        out = jax.device_put(params, shardings)
+        return jax.block_until_ready(out)
+
+    start = int(meta.get("step", 0))
+    batcher = ContinuousBatcher(
+        Model(model.cfg, to_generator(model.params), mesh),
+        slots=a.slots or g.prompts_per_step * g.group_size,
+        max_prompt_len=a.max_prompt_len,
+        max_new_tokens=g.max_new_tokens,
+        chunk=a.chunk,
+        sampling=step_fn.sampling,
+        stop_ids=step_fn.sampler.stop_ids,
+        version=start,
+    )
+    queue = RolloutQueue(int(a.max_async_ratio * g.prompts_per_step * g.group_size), g.group_size)
+
+    def score(example: Example, finished: list[Finished]):
+        out = step_fn.score([example.prompt] * len(finished), [f.tokens for f in finished], [example] * len(finished))
+        return np.asarray(out.rewards, np.float64), {k: np.asarray(v, np.float64) for k, v in out.components.items()}
+
+    # A run resumed from a synchronous checkpoint numbers its groups on from the ones trained.
+    skip = set(meta.get("trained_after", ()))
+    generator = Generator(
+        batcher,
+        source,
+        queue,
+        score,
+        group_size=g.group_size,
+        max_new_tokens=g.max_new_tokens,
+        seed=cfg.seed,
+        verifiers=a.verifiers,
+        next_gid=int(meta.get("first_group", start * g.prompts_per_step)),
+        skip=skip,
+    )
+    trained = set(skip)
+    metrics: dict[str, float] = {}
+    generator.start()
+    try:
+        last_time, last_tokens = time.perf_counter(), 0
+        for step in steps:
+            t0 = time.perf_counter()
+            groups, depth = queue.take(g.prompts_per_step, generator.check)
+            t1 = time.perf_counter()
+            finished = [f for group in groups for f in group.finished]
+            rollouts = Rollouts(
+                prompts=[group.example.prompt for group in groups],
+                completions=[f.tokens for f in finished],
+                logprobs=[f.logprobs for f in finished],
+                finish_reasons=[f.finish_reason for f in finished],
+                rewards=np.concatenate([group.rewards for group in groups]),
+                components={k: np.concatenate([group.components[k] for group in groups]) for k in groups[0].components},
+            )
+            metrics = step_fn.update(rollouts)
+            t2 = time.perf_counter()
+            generator.push(to_generator(model.params), step + 1)
+            t3 = time.perf_counter()
+            trained.update(group.gid for group in groups)
+            lag = step - np.concatenate([f.versions for f in finished])
+            tokens = batcher.generated
+            metrics.update(
+                policy_lag_mean=float(lag.mean()),
+                policy_lag_max=float(lag.max()),
+                queue_depth=float(depth),
+                outstanding_max=float(queue.peak),
+                weight_push_s=t3 - t2,
+                wait_s=t1 - t0,
+                time_training=t2 - t1,
+                time_step=t3 - t0,
+                trainer_utilisation=(t2 - t1) / (t3 - t0),
+                generator_tokens_per_s=(tokens - last_tokens) / (t3 - last_time),
+                tokens_per_s=float(sum(len(c) for c in rollouts.completions) + metrics["trained_tokens"]) / (t3 - t0),
+            )
+            last_time, last_tokens = t3, tokens
+            finish(step, metrics, lambda: generator.data_state(trained))
+            generator.check()
+    finally:
+        generator.stop()
+    return metrics
