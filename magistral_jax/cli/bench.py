@@ -62,7 +62,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--repeats", type=int, default=3, help="timed steps of each (default 3, best kept)")
     t.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    r = benches.add_parser(
+        "rl",
+        help="asynchronous against synchronous GRPO: trained completions per second",
+        description=(
+            "Runs configs/grpo-tiny-async.yaml (prompt budgets of 8 to 40 new tokens: a 5x spread of completion "
+            "lengths) on 8 simulated CPU devices, once synchronously (sampling and training in turn on all 8) "
+            "and once asynchronously (4 generate with continuous batching, 4 train, weights pushed after every "
+            "step), and reports the completions trained per second after the warm-up steps, their ratio, the "
+            "policy lag and each mode's reward curve."
+        ),
+    )
+    r.add_argument("--steps", type=int, default=14, help="GRPO steps per mode (default 14)")
+    r.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing (default 4)")
+    r.add_argument("--json", action="store_true", help="print the results as one JSON object")
     t.set_defaults(run=run_train)
+    r.set_defaults(run=run_rl)
 
 
 def _generate(cfg, directory: str) -> None:
@@ -414,5 +429,64 @@ def run_train(args: argparse.Namespace) -> int:
         print(
             f"step {ours_s:.2f} s = {flops / ours_s / 1e9:.1f} GFLOP/s (6 N T) against a measured matmul "
             f"throughput of {peak / 1e9:.1f} GFLOP/s ({100 * results['matmul_fraction']:.0f}%)"
+        )
+    return 0
+
+
+def run_rl(args: argparse.Namespace) -> int:
+    if args.steps <= args.warmup or args.warmup < 1:
+        raise ValueError("bench rl: 1 <= --warmup < --steps expected")
+    from magistral_jax.cli.demo import simulate_devices
+
+    simulate_devices(8)
+    import jax
+
+    from magistral_jax.train.config import load_run_config
+    from magistral_jax.train.loop import run
+
+    config = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "grpo-tiny-async.yaml")
+    if not os.path.exists(config):
+        raise ValueError(f"{config}: not found (bench rl runs from a source checkout)")
+    if len(jax.devices()) < 8:
+        raise ValueError(f"bench rl needs 8 devices, {len(jax.devices())} here")
+    results: dict = {"machine": _machine(), "devices": len(jax.devices()), "steps": args.steps, "warmup": args.warmup}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("sync", "async"):
+            overrides = [f"run_dir={os.path.join(tmp, mode)}", f"steps={args.steps}", f"checkpoint_every={args.steps}"]
+            if mode == "sync":
+                overrides += ["async_rl.enabled=false", "mesh=fsdp=8"]
+            cfg = load_run_config(config, overrides)
+            rows: list[dict] = []
+            run(cfg, progress=not args.json, on_step=lambda step, m, rows=rows: rows.append(dict(m)))
+            timed = rows[args.warmup :]
+            seconds = sum(m["time_step"] for m in timed)
+            completions = len(timed) * cfg.grpo.prompts_per_step * cfg.grpo.group_size
+            results[mode] = {
+                "completions_per_s": round(completions / seconds, 2),
+                "step_s": round(seconds / len(timed), 3),
+                "completion_len_mean": round(sum(m["completion_len_mean"] for m in rows) / len(rows), 1),
+                "reward_curve": [round(m["reward_mean"], 4) for m in rows],
+            }
+            if mode == "async":
+                results[mode].update(
+                    policy_lag_mean=round(sum(m["policy_lag_mean"] for m in timed) / len(timed), 2),
+                    policy_lag_max=max(m["policy_lag_max"] for m in timed),
+                    weight_push_s=round(max(m["weight_push_s"] for m in timed), 4),
+                    trainer_utilisation=round(sum(m["trainer_utilisation"] for m in timed) / len(timed), 2),
+                )
+    results["ratio"] = round(results["async"]["completions_per_s"] / results["sync"]["completions_per_s"], 2)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"machine: {results['machine']}; 8 devices; {args.steps} steps per mode, the first {args.warmup} untimed")
+        for mode in ("sync", "async"):
+            r = results[mode]
+            print(
+                f"{mode:>5}: {r['completions_per_s']} completions/s ({r['step_s']} s/step); rewards {r['reward_curve']}"
+            )
+        a = results["async"]
+        print(
+            f"async / sync: {results['ratio']}x; policy lag mean {a['policy_lag_mean']} max {a['policy_lag_max']}; "
+            f"weight push <= {a['weight_push_s']} s; trainer busy {100 * a['trainer_utilisation']:.0f}% of the time"
         )
     return 0

@@ -44,6 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="simulated CPU devices for a data x fsdp mesh when running on the CPU (default 1)",
     )
+    p.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="GRPO asynchronously: half the devices generate (continuous batching, weights swapped in flight), "
+        "half train (needs --devices 2 or more)",
+    )
     p.set_defaults(run=run)
 
 
@@ -123,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("sft_steps", "grpo_steps", "eval_problems", "devices"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.asynchronous and args.devices < 2:
+        raise ValueError("--async needs --devices 2 or more (one set generates, the other trains)")
     if os.path.exists(os.path.join(args.out, "sft")) or os.path.exists(os.path.join(args.out, "grpo")):
         raise ValueError(f"{args.out}: holds a previous demo run; remove it or pass --out")
     simulate_devices(args.devices)
@@ -134,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from magistral_jax.data.procedural import Example
     from magistral_jax.data.sources import problem_fields
     from magistral_jax.tokenizer import SubsetTokenizer, load_tokenizer, write_standin_tekken
-    from magistral_jax.train.config import GRPOConfig, RunConfig, SFTConfig
+    from magistral_jax.train.config import AsyncConfig, GRPOConfig, RunConfig, SFTConfig
     from magistral_jax.train.loop import run as train
     from magistral_jax.train.step import OptimizerConfig
 
@@ -218,8 +227,15 @@ def run(args: argparse.Namespace) -> int:
             reward_workers=0,
         ),
         reward={"name": "magistral", "style": "think_tokens"},
+        async_rl=AsyncConfig(
+            enabled=args.asynchronous,
+            generator_devices=n_dev // 2,
+            trainer_devices=n_dev - n_dev // 2,
+            max_prompt_len=max(len(tokenizer.encode_chat(p.problem)) for p in grpo_set),
+        ),
     )
-    print(f"demo: GRPO, {args.grpo_steps} steps with the Magistral reward on unseen problems")
+    mode = f"asynchronous, {n_dev // 2} generator / {n_dev - n_dev // 2} trainer devices" if args.asynchronous else ""
+    print(f"demo: GRPO, {args.grpo_steps} steps with the Magistral reward on unseen problems {mode}".rstrip())
     train(grpo, tokenizer=tokenizer, source=ProblemSource(grpo_set, encoder(False), seed=args.seed), model=model)
     after = evaluate(model, tokenizer, eval_set, args.seed)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,8 +89,18 @@ def math_correct(answer_text: str, gold: str) -> bool:
     boxed = last_boxed(answer_text)
     if boxed is None:
         return False
+    # math-verify's timeouts use signal.alarm, which only the main thread may set; elsewhere it
+    # refuses to run at all unless they are off (reward pools score in worker processes' main
+    # threads, so the timeouts hold there).
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        return bool(verify(parse(f"${gold}$"), parse(f"\\boxed{{{boxed}}}")))
+        return bool(
+            verify(
+                parse(f"${gold}$", parsing_timeout=timeout),
+                parse(f"\\boxed{{{boxed}}}", parsing_timeout=timeout),
+                timeout_seconds=timeout,
+            )
+        )
     except Exception:  # math-verify raises on unparsable or timed-out input
         return False
 

@@ -86,7 +86,7 @@ def build_trainer(cfg: RunConfig, model=None, devices: list | None = None) -> Tr
     from magistral_jax.sharding import make_mesh, parse_mesh
 
     mesh = None
-    if cfg.mesh or len(devices or jax.devices()) > 1:
+    if cfg.mesh or devices is not None or len(jax.devices()) > 1:
         mesh = make_mesh(**parse_mesh(cfg.mesh), devices=devices)
     if model is None:
         model = build_model(cfg, mesh)
@@ -515,10 +515,11 @@ def run(
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     log = MetricsLog(cfg.run_dir, start) if primary else None
+    # Asynchronous runs score in verifier threads, which hand the work to worker processes (rewards
+    # such as math-verify need a process's main thread for their timeouts).
+    workers = max(1, cfg.grpo.reward_workers) if asynchronous else cfg.grpo.reward_workers
     rewards = (
-        RewardPool(
-            cfg.reward.get("name", ""), {k: v for k, v in cfg.reward.items() if k != "name"}, cfg.grpo.reward_workers
-        )
+        RewardPool(cfg.reward.get("name", ""), {k: v for k, v in cfg.reward.items() if k != "name"}, workers)
         if cfg.kind == "grpo"
         else None
     )

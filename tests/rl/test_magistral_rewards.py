@@ -10,6 +10,7 @@ from magistral_jax.rl.magistral_rewards import (
     last_boxed,
     length_penalty,
     magistral,
+    math_correct,
     split_format,
 )
 
@@ -196,3 +197,16 @@ def test_a_group_runs_the_same_subset_of_at_most_max_tests():
 def test_split_format_rejects_unknown_tasks():
     with pytest.raises(ValueError, match="task"):
         split_format("[THINK]x[/THINK]\\boxed{1}", "v13", "poetry")
+
+
+def test_math_verify_scores_off_the_main_thread():
+    # math-verify refuses to run its signal-based timeouts outside the main thread.
+    import threading
+
+    got = []
+    worker = threading.Thread(
+        target=lambda: got.extend([math_correct("\\boxed{12}", "12"), math_correct("\\boxed{1}", "12")])
+    )
+    worker.start()
+    worker.join()
+    assert got == [True, False]
