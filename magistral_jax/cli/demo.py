@@ -228,11 +228,13 @@ def run(args: argparse.Namespace) -> int:
         ),
         reward={"name": "magistral", "style": "think_tokens"},
         async_rl=AsyncConfig(
-            enabled=args.asynchronous,
+            enabled=True,
             generator_devices=n_dev // 2,
             trainer_devices=n_dev - n_dev // 2,
             max_prompt_len=max(len(tokenizer.encode_chat(p.problem)) for p in grpo_set),
-        ),
+        )
+        if args.asynchronous
+        else AsyncConfig(),
     )
     mode = f"asynchronous, {n_dev // 2} generator / {n_dev - n_dev // 2} trainer devices" if args.asynchronous else ""
     print(f"demo: GRPO, {args.grpo_steps} steps with the Magistral reward on unseen problems {mode}".rstrip())

@@ -1,4 +1,5 @@
-"""The training loops: GRPO (synchronous, colocated) and SFT, resumable from Orbax checkpoints.
+"""The training loops: GRPO (synchronous and colocated here; asynchronous in `train.async_grpo`) and SFT,
+resumable from Orbax checkpoints.
 
 GRPO, one step: draw `prompts_per_step` prompts; sample `group_size` completions each with the
 trainer's own parameters (no copy) and their log-probabilities; score them in the reward pool;
