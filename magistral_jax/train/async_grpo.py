@@ -32,13 +32,17 @@ run draws again from there and skips the trained ones, so no prompt is lost or t
 (in-flight sequences are generated again, with the restored weights). Which groups share a batch
 depends on timing, so asynchronous runs are not bit-reproducible, unlike synchronous ones.
 
-One process only: the generator and trainer sub-meshes are made of this process's devices.
+Several processes (multi-host): every process generates on its own first `generator_devices`
+devices from its own share of the data and contributes `prompts_per_step / process_count` groups to
+each step; the trainer mesh is made of the next `trainer_devices` of every process; the weights
+reach each process's generator through an all-gather over the trainer mesh.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -262,19 +266,46 @@ class Generator(threading.Thread):
 
 
 def split_devices(generator_devices: int, trainer_devices: int) -> tuple[list, list]:
-    """The generator's and the trainer's devices: the first `generator_devices`, then the next
-    `trainer_devices` (0: all the rest)."""
-    if jax.process_count() > 1:
-        raise ConfigError("async_rl: asynchronous training runs in one process (its devices are split in two)")
-    devices = jax.devices()
-    rest = len(devices) - generator_devices
-    trainer_devices = trainer_devices or rest
-    if generator_devices < 1 or trainer_devices < 1 or generator_devices + trainer_devices > len(devices):
+    """The generator's devices (this process's first `generator_devices`) and the trainer's (the
+    next `trainer_devices` of every process, 0: all the rest; in process order)."""
+    local = jax.local_devices()
+    trainer_devices = trainer_devices or len(local) - generator_devices
+    if generator_devices < 1 or trainer_devices < 1 or generator_devices + trainer_devices > len(local):
         raise ConfigError(
             f"async_rl: {generator_devices} generator and {trainer_devices} trainer devices do not fit the "
-            f"{len(devices)} devices here (on the CPU, `magistral-jax train` simulates as many as the config needs)"
+            f"{len(local)} devices of a process here (on the CPU, `magistral-jax train` simulates as many as the "
+            "config needs)"
         )
-    return devices[:generator_devices], devices[generator_devices : generator_devices + trainer_devices]
+    by_process: dict[int, list] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    first = generator_devices
+    trainers = [d for p in sorted(by_process) for d in by_process[p][first : first + trainer_devices]]
+    return local[:generator_devices], trainers
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def weight_push(trainer_params, generator_shardings):
+    """The trainer's parameters on the generator mesh, device to device.
+
+    One process: `jax.device_put` across the two meshes. Several: each leaf is first replicated over
+    the trainer mesh (an all-gather, every process together), then this process's copy moves to its
+    own generator devices; one leaf at a time, so at most one whole tensor is gathered at once.
+    """
+    if jax.process_count() == 1:
+        return jax.block_until_ready(jax.device_put(trainer_params, generator_shardings))
+
+    def one(x, sharding):
+        whole = _replicate(x.sharding.mesh)(x)
+        return jax.device_put(whole.addressable_shards[0].data, sharding)
+
+    return jax.block_until_ready(jax.tree.map(one, trainer_params, generator_shardings))
 
 
 def train_async(
@@ -283,29 +314,35 @@ def train_async(
     """Runs the asynchronous GRPO steps `steps` (an iterable of step indices, a progress bar say).
 
     `step_fn` is the run's `GRPOStep` (its trainer on the trainer devices), `meta` the restored
-    checkpoint's metadata (empty for a new run), and `finish(step, metrics, data_state)` logs and
-    checkpoints a finished step (`data_state()` returns what the checkpoint keeps of the data).
+    checkpoint's metadata for this process (empty for a new run), and `finish(step, metrics,
+    data_state)` logs and checkpoints a finished step (`data_state()` returns what the checkpoint
+    keeps of the data).
+
+    Several processes: each generates on its own devices from its own share of the data, into its
+    own queue, and contributes `prompts_per_step / process_count` groups to every step; the trainer
+    mesh spans all processes, and the statistics that filtering and advantages need are gathered,
+    so a step sees the whole batch as in one process.
     """
     from magistral_jax.api import Model
+    from magistral_jax.distributed import allgather, allgather_objects
     from magistral_jax.model import param_specs
     from magistral_jax.model import params as P
     from magistral_jax.sharding import make_mesh, parse_mesh
-    from magistral_jax.train.loop import Rollouts
+    from magistral_jax.train.loop import Rollouts, _concat
 
     a, g = cfg.async_rl, cfg.grpo
+    count, index = jax.process_count(), jax.process_index()
     trainer = step_fn.trainer
     model = trainer.model
     mesh = make_mesh(**parse_mesh(a.generator_mesh), devices=generator_devices)
     shardings = P.shardings(param_specs(model.cfg), mesh, model.cfg.rules)
-
-    def to_generator(params):
-        out = jax.device_put(params, shardings)
-        return jax.block_until_ready(out)
+    n_batch = g.prompts_per_step * g.group_size
+    per_step = g.prompts_per_step // count  # groups each process contributes to a step
 
     start = int(meta.get("step", 0))
     batcher = ContinuousBatcher(
-        Model(model.cfg, to_generator(model.params), mesh),
-        slots=a.slots or g.prompts_per_step * g.group_size,
+        Model(model.cfg, weight_push(model.params, shardings), mesh),
+        slots=a.slots or n_batch // count,
         max_prompt_len=a.max_prompt_len,
         max_new_tokens=g.max_new_tokens,
         chunk=a.chunk,
@@ -313,7 +350,7 @@ def train_async(
         stop_ids=step_fn.sampler.stop_ids,
         version=start,
     )
-    queue = RolloutQueue(int(a.max_async_ratio * g.prompts_per_step * g.group_size), g.group_size)
+    queue = RolloutQueue(int(a.max_async_ratio * n_batch) // count, g.group_size)
 
     def score(example: Example, finished: list[Finished]):
         out = step_fn.score([example.prompt] * len(finished), [f.tokens for f in finished], [example] * len(finished))
@@ -328,51 +365,79 @@ def train_async(
         score,
         group_size=g.group_size,
         max_new_tokens=g.max_new_tokens,
-        seed=cfg.seed,
+        seed=cfg.seed * count + index,
         verifiers=a.verifiers,
-        next_gid=int(meta.get("first_group", start * g.prompts_per_step)),
+        next_gid=int(meta.get("first_group", start * per_step)),
         skip=skip,
     )
     trained = set(skip)
+
+    def data_state() -> dict[str, Any]:
+        state = generator.data_state(trained)
+        return state if count == 1 else {"async_per_process": allgather_objects(state)}
+
     metrics: dict[str, float] = {}
     generator.start()
     try:
         last_time, last_tokens = time.perf_counter(), 0
         for step in steps:
             t0 = time.perf_counter()
-            groups, depth = queue.take(g.prompts_per_step, generator.check)
+            groups, depth = queue.take(per_step, generator.check)
             t1 = time.perf_counter()
             finished = [f for group in groups for f in group.finished]
+            lengths = [len(f.tokens) for f in finished]
             rollouts = Rollouts(
                 prompts=[group.example.prompt for group in groups],
                 completions=[f.tokens for f in finished],
                 logprobs=[f.logprobs for f in finished],
-                finish_reasons=[f.finish_reason for f in finished],
-                rewards=np.concatenate([group.rewards for group in groups]),
-                components={k: np.concatenate([group.components[k] for group in groups]) for k in groups[0].components},
+                lengths=np.asarray(_concat(lengths)),
+                finish_reasons=_concat([f.finish_reason for f in finished]),
+                rewards=np.asarray(_concat(np.concatenate([group.rewards for group in groups]).tolist())),
+                components={
+                    k: np.asarray(_concat(np.concatenate([group.components[k] for group in groups]).tolist()))
+                    for k in groups[0].components
+                },
+                first_row=index * len(finished),
             )
-            metrics = step_fn.update(rollouts)
+            rows = range(rollouts.first_row, rollouts.first_row + len(finished))
+            metrics = step_fn.update(rollouts, rows)
             t2 = time.perf_counter()
-            generator.push(to_generator(model.params), step + 1)
+            generator.push(weight_push(model.params, shardings), step + 1)
             t3 = time.perf_counter()
             trained.update(group.gid for group in groups)
             lag = step - np.concatenate([f.versions for f in finished])
             tokens = batcher.generated
+            # Summed or maxed over the processes (one row each): lag sum, lag tokens, lag max,
+            # queue depth, outstanding completions, generated tokens/s, push time.
+            stats = allgather(
+                np.array(
+                    [
+                        lag.sum(),
+                        lag.size,
+                        lag.max(),
+                        depth,
+                        queue.peak,
+                        (tokens - last_tokens) / (t3 - last_time),
+                        t3 - t2,
+                    ],
+                    np.float64,
+                )
+            )
             metrics.update(
-                policy_lag_mean=float(lag.mean()),
-                policy_lag_max=float(lag.max()),
-                queue_depth=float(depth),
-                outstanding_max=float(queue.peak),
-                weight_push_s=t3 - t2,
+                policy_lag_mean=float(stats[:, 0].sum() / stats[:, 1].sum()),
+                policy_lag_max=float(stats[:, 2].max()),
+                queue_depth=float(stats[:, 3].sum()),
+                outstanding_max=float(stats[:, 4].sum()),
+                weight_push_s=float(stats[:, 6].max()),
                 wait_s=t1 - t0,
                 time_training=t2 - t1,
                 time_step=t3 - t0,
                 trainer_utilisation=(t2 - t1) / (t3 - t0),
-                generator_tokens_per_s=(tokens - last_tokens) / (t3 - last_time),
-                tokens_per_s=float(sum(len(c) for c in rollouts.completions) + metrics["trained_tokens"]) / (t3 - t0),
+                generator_tokens_per_s=float(stats[:, 5].sum()),
+                tokens_per_s=float(sum(lengths) * count + metrics["trained_tokens"]) / (t3 - t0),
             )
             last_time, last_tokens = t3, tokens
-            finish(step, metrics, lambda: generator.data_state(trained))
+            finish(step, metrics, data_state)
             generator.check()
     finally:
         generator.stop()

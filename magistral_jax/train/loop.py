@@ -260,14 +260,21 @@ def budget(example: Example, default: int) -> int:
 
 @dataclass
 class Rollouts:
-    """Scored completions of whole groups: row `g * group_size + i` is sample i of prompt g."""
+    """Scored completions of whole groups: row `g * group_size + i` is sample i of prompt g.
 
-    prompts: list[list[int]]  # per group
-    completions: list[list[int]]  # per row, the stop token included
-    logprobs: list[np.ndarray]  # per row: the sampler's log-probabilities (the loss's pi_old)
+    The per-row statistics (`lengths`, `finish_reasons`, `rewards`, `components`) cover the whole
+    batch; the tokens (`prompts`, `completions`, `logprobs`) may cover only the rows from
+    `first_row` on (a process's own rows when each process generates its own, asynchronously).
+    """
+
+    prompts: list[list[int]]  # per group, from group first_row // group_size
+    completions: list[list[int]]  # per row from first_row, the stop token included
+    logprobs: list[np.ndarray]  # per row from first_row: the sampler's log-probabilities (pi_old)
+    lengths: np.ndarray
     finish_reasons: list[str]
     rewards: np.ndarray
     components: dict[str, np.ndarray]
+    first_row: int = 0
 
 
 class GRPOStep:
@@ -327,6 +334,7 @@ class GRPOStep:
             prompts=prompts,
             completions=completions,
             logprobs=[out.logprobs[r, : out.lengths[r]] for r in range(rows)],
+            lengths=np.asarray(out.lengths),
             finish_reasons=out.finish_reasons,
             rewards=rewards,
             components={k: np.asarray(v, np.float64) for k, v in components.items()},
@@ -354,10 +362,10 @@ class GRPOStep:
         from magistral_jax.rl.losses import constant_groups
 
         cfg, g = self.cfg, self.cfg.grpo
-        rows = len(r.completions)
+        rows = len(r.lengths)
         mine = range(rows) if mine is None else mine
         groups = np.arange(rows) // g.group_size
-        lengths = np.array([len(c) for c in r.completions])
+        lengths = np.asarray(r.lengths)
         if g.filter_metric == "reward":
             signal = r.rewards
         elif g.filter_metric in r.components:
@@ -381,18 +389,19 @@ class GRPOStep:
         }
         kept_groups = np.unique(groups[keep])
         updates = []
-        row_len = _row_len(cfg, max(len(p) for p in r.prompts) + g.max_new_tokens)
+        row_len = _row_len(cfg, _global_max(max(len(p) for p in r.prompts)) + g.max_new_tokens)
+        local = lambda row: row - r.first_row  # noqa: E731
         saved = []
         for part in np.array_split(kept_groups, min(g.minibatches, len(kept_groups))) if len(kept_groups) else []:
             rows_in = np.flatnonzero(np.isin(groups, part))
             adv, weights = self.variant.fn(r.rewards[rows_in], groups[rows_in], lengths[rows_in], g.max_new_tokens)
             items = [
                 Item(
-                    tokens=r.prompts[row // g.group_size] + r.completions[row],
-                    loss_start=len(r.prompts[row // g.group_size]),
+                    tokens=r.prompts[local(row) // g.group_size] + r.completions[local(row)],
+                    loss_start=len(r.prompts[local(row) // g.group_size]),
                     weight=float(w),
                     advantage=float(a),
-                    old_logprobs=np.asarray(r.logprobs[row]).tolist(),
+                    old_logprobs=np.asarray(r.logprobs[local(row)]).tolist(),
                 )
                 for row, a, w in zip(rows_in, adv, weights, strict=True)
                 if mine.start <= row < mine.stop
@@ -509,6 +518,11 @@ def run(
     if start:
         state, meta = checkpoints.restore(start, trainer.state())
         trainer.load_state(state)
+        if "async_per_process" in meta:  # an asynchronous multi-process run: this process's part
+            parts = meta["async_per_process"]
+            if len(parts) != count:
+                raise ConfigError(f"the checkpoint was written by {len(parts)} processes, not {count}")
+            meta = {**meta, **parts[jax.process_index()]}
         # Each process resumes its own data state where the checkpoint has one per process.
         per_process = meta.get("data_per_process")
         source.restore(per_process[jax.process_index()] if per_process and len(per_process) == count else meta["data"])
