@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "RUN_DIR/metrics.jsonl (one line per step) and TensorBoard events. Running the same command "
             "again resumes from the latest checkpoint in run_dir. Overrides are dotted KEY=VALUE pairs, "
             "e.g. steps=20 optimizer.lr=1e-5 grpo.group_size=16 (see configs/ for the keys). "
+            "With async_rl.enabled=true, GRPO runs asynchronously: generators and trainers on disjoint "
+            "devices, weights pushed to the generators in flight (configs/grpo-tiny-async.yaml; on the CPU "
+            "the command simulates the devices the config asks for). "
             "Multi-host: run the same command on every host (one process per host; per GPU under SLURM). "
             "TPU pods on GKE, SLURM jobs of several tasks and Open MPI are detected from the environment; "
             "Cloud TPU VM pods need --distributed; anywhere else give every process --coordinator HOST:PORT "
@@ -32,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--devices",
         type=int,
         default=0,
-        help="simulated CPU devices when running on the CPU (default: the config's mesh needs)",
+        help="simulated CPU devices when running on the CPU (default: those an asynchronous config names, else 1)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("multi-host (see magistral_jax.distributed)")

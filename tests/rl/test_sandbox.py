@@ -25,7 +25,8 @@ MARK = uuid.uuid4().hex
 HOSTILE = {
     "loops forever": ("while True:\n    pass\n", "time limit"),
     "allocates without bound": ("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", "MemoryError"),
-    "forks repeatedly": ("import os\nwhile True:\n    os.fork()\n", "status"),
+    # Killed by the process limit, or on a loaded machine by the time limit first.
+    "forks repeatedly": ("import os\nwhile True:\n    os.fork()\n", ("status", "time limit")),
     "escapes its session": (
         # a child that leaves the process group and outlives the parent
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n",
@@ -94,7 +95,7 @@ def test_hostile_program_gets_no_reward_and_leaves_nothing(name, boxes):
     ok, reason = code_correct(answer, TESTS, seed=0, limits=Limits(timeout=2.0))
     (box,) = boxes
     if why is not None:
-        assert not ok and why in reason, reason
+        assert not ok and any(w in reason for w in ((why,) if isinstance(why, str) else why)), reason
     # nothing left: no process of the sandbox uid, no file it made, no private directory
     assert uid_processes(box.uid) == []
     assert uid_files(box.uid) == []
