@@ -12,33 +12,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import pytest
 
-# The slowest tests, started first so that none of them begins late on one pytest-xdist worker
-# while the other has nothing left to do.
-SLOW_FIRST = (
-    "tests/test_cli.py::test_demo_improves_held_out_accuracy_with_grpo",
-    "tests/test_plan.py::test_grpo_step_of_the_24b_at_32k_tokens_fits_a_v5p_slice",
-    "tests/test_multihost.py::test_two_processes_equal_one",
-    "tests/train/test_loop.py::test_a_killed_run_resumes_exactly",
-    "tests/train/test_async.py::test_async_run_bounds_the_queue_trains_in_completion_order_and_resumes",
-    "tests/test_plan.py::test_sampler_of_the_24b_with_a_40k_cache_fits_a_v5e_8",
-)
+# The slowest test (a third of the suite's time), started first so that it never begins late on
+# one pytest-xdist worker while the other has nothing left to do.
+SLOWEST = "tests/test_cli.py::test_demo_improves_held_out_accuracy_with_grpo"
 
 
-def pytest_collection_modifyitems(config, items):
-    slow = [item for name in SLOW_FIRST for item in items if item.nodeid == name]
-    rest = [item for item in items if item.nodeid not in SLOW_FIRST]
-    workers = getattr(config, "workerinput", {}).get("workercount", 1)
-    # xdist's load scheduler first hands each worker a chunk of consecutive tests (a quarter of
-    # its share), then the rest as workers free up: every worker's chunk starts with its share of
-    # the slow tests (dealt round-robin, slowest first).
-    chunk = max(len(items) // workers // 4, 2)
-    ordered = []
-    for w in range(workers):
-        head = slow[w::workers]
-        take = max(chunk - len(head), 0) if w < workers - 1 else 0
-        ordered += head + rest[:take]
-        rest = rest[take:]
-    items[:] = ordered + rest
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.nodeid != SLOWEST)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

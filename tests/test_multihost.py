@@ -205,6 +205,7 @@ def async_run(run_dir) -> None:
         "async_rl.trainer_devices=2",
         "async_rl.slots=8",
         "async_rl.chunk=4",
+        "async_rl.max_async_ratio=1",  # one batch ahead at most: less generation thrown away at the end
     ]
     for steps in (2, 3):
         run(load_run_config(os.path.join(root, "configs", "grpo-tiny-async.yaml"), [*overrides, f"steps={steps}"]))
@@ -314,7 +315,7 @@ def test_two_processes_equal_one(tmp_path):
     rows = _metrics(multi / "async")
     assert [m["step"] for m in rows] == [1, 2, 3]
     for m in rows:
-        assert m["outstanding_max"] <= 2 * 16 and m["weight_push_s"] > 0
+        assert m["outstanding_max"] <= 16 and m["weight_push_s"] > 0
         assert 0 <= m["policy_lag_mean"] <= m["policy_lag_max"] <= 3
     assert sorted(os.listdir(multi / "async" / "checkpoints")) == ["2", "3"]
 

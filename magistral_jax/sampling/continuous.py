@@ -157,8 +157,9 @@ class ContinuousBatcher:
         if len(requests) > len(free):
             raise ValueError(f"insert: {len(requests)} requests for {len(free)} free slots")
         cfg = self.model.cfg
-        # Row counts are rounded up to a power of two so that few programs are compiled.
-        rows = 1 << (len(requests) - 1).bit_length()
+        # Row counts are rounded up to a power of two, at least 8 (or the slots), so that few
+        # programs are compiled.
+        rows = max(1 << (len(requests) - 1).bit_length(), min(8, 1 << (len(self.occupant) - 1).bit_length()))
         prompts = np.zeros((rows, self.width), np.int32)
         lengths = np.ones(rows, np.int32)
         limits = np.zeros(rows, np.int32)

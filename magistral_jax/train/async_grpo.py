@@ -227,10 +227,10 @@ class Generator(threading.Thread):
             self.skip.discard(gid)
 
     def _fill(self) -> None:
+        from magistral_jax.train.loop import budget
+
         free = len(self.batcher.free_slots)
         while len(self.pending) < free and self.queue.try_admit():
-            from magistral_jax.train.loop import budget
-
             gid, example = self._draw()
             self.examples[gid] = example
             self.collected[gid] = [None] * self.group_size
