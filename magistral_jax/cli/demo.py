@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.sft_steps,
         keep_checkpoints=1,
         seed=args.seed,
-        microbatch_tokens=4096,
+        microbatch_tokens=2048,  # the 32 examples of a step, one 64-slot row each: one microbatch, no padding rows
         optimizer=OptimizerConfig(lr=3e-3, warmup_steps=10, schedule="cosine", weight_decay=0.01),
         sft=SFTConfig(batch_size=32),
     )
