@@ -72,6 +72,12 @@ def test_sampler_of_the_24b_with_a_40k_cache_fits_a_v5e_8(sample_40k):
     assert decode.executions == 40960 - 1024
     assert r.tokens == 8 * (40960 - 1024)
     assert r.bound == "memory"  # decoding a batch of 8 is bandwidth-bound
+    # What a decode step must move per chip: every bf16 matmul weight once, plus the cache's filled
+    # part (on average the prompt and half the new tokens). The step reads its layer's blocks
+    # from the cache and writes one slot in place; a step that copied the cache (as one carrying
+    # per-layer cache slices through the layer scan did: 44.9 GB) would exceed this by far.
+    must = (r.matmul_params * 2 + cache * (1024 + (40960 - 1024) / 2) / 40960) / 8
+    assert must < decode.hbm_bytes < 1.15 * must, (decode.hbm_bytes, must)
 
 
 def _hand_count(cfg, batch: int, seq: int, attention_units: int) -> int:

@@ -316,8 +316,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def cached_attention(
     q: Float[Array, "B T N K"],
-    k: Float[Array, "B S G K"],
-    v: Float[Array, "B S G K"],
+    k: Float[Array, "B L G S K"],
+    v: Float[Array, "B L G S K"],
+    layer: Int[Array, ""],
     *,
     q_positions: Int[Array, "B T"],
     q_segments: Int[Array, "B T"],
@@ -327,26 +328,28 @@ def cached_attention(
     block: int = 512,
     scale: float | None = None,
 ) -> Float[Array, "B T N K"]:
-    """Causal attention of the new queries over a cache whose slots past `filled` (a traced
-    scalar: the longest row's written length) are empty: a loop over key blocks with a dynamic
-    trip count, so only the first ceil(filled / block) blocks are ever read."""
+    """Causal attention of the new queries over `layer` of a KV cache laid out as the decoder's
+    (`KVCache`: [B, L, G, S, K]) whose slots past `filled` (a traced scalar: the longest row's
+    written length) are empty: a loop over key blocks with a dynamic trip count, so only the first
+    ceil(filled / block) blocks of that layer are ever read, and nothing is sliced out as a whole.
+    When S is not a multiple of the block, the last block starts early (it must fit) and its
+    slots that the previous block already covered are masked."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     b, t, n, d = q.shape
-    g = k.shape[2]
-    bk = min(block, k.shape[1])
-    k, v = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
-    kv_positions, kv_segments = _pad_to(kv_positions, 1, bk), _pad_to(kv_segments, 1, bk)
+    g, s = k.shape[2:4]
+    bk = min(block, s)
     qg = q.reshape(b, t, g, n // g, d)
 
     def body(j, carry):
-        start = j * bk
-        k_j, v_j, kp_j, ks_j = (
-            jax.lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (k, v, kv_positions, kv_segments)
-        )
-        mask = attention_mask(q_positions, q_segments, kp_j, ks_j, causal=True)
+        start = jnp.minimum(j * bk, s - bk)
+        k_j, v_j = (jax.lax.dynamic_slice(x, (0, layer, 0, start, 0), (b, 1, g, bk, d))[:, 0] for x in (k, v))
+        k_j, v_j = jnp.swapaxes(k_j, 1, 2), jnp.swapaxes(v_j, 1, 2)  # [B, bk, G, K]
+        kp_j, ks_j = (jax.lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (kv_positions, kv_segments))
+        fresh = start + jnp.arange(bk) >= j * bk
+        mask = attention_mask(q_positions, q_segments, kp_j, ks_j, causal=True) & fresh
         return _online_softmax_step(carry, qg, k_j, v_j, mask, scale)
 
-    n_blocks = jnp.minimum((filled + bk - 1) // bk, k.shape[1] // bk)
+    n_blocks = jnp.minimum((filled + bk - 1) // bk, -(-s // bk))
     m, denom, acc = jax.lax.fori_loop(0, n_blocks, body, _online_softmax_init(b, g, n // g, t, d))
     out, _ = _online_softmax_finish(m, denom, acc)
     return jnp.einsum("bgrtk->btgrk", out).reshape(b, t, n, d).astype(q.dtype)

@@ -75,24 +75,27 @@ class KVCache:
     """Keys and values of every layer, with the position each slot holds.
 
     Attributes:
-      k, v: [L, B, S, G, K] in the compute dtype.
+      k, v: [B, L, G, S, K] in the compute dtype. Slots and head dim last, so that writing a
+        token and reading a block of slots both touch whole [slots, K] tiles; rows first, as XLA
+        lays out a cache written row by row inside the layer loop (any other order costs a
+        relayout copy of the whole cache per decode call).
       positions: [B, S] int32, the token position cached in each slot, -1 for an empty slot.
       lengths: [B] int32, the number of slots written in each row (the next write offset).
     """
 
-    k: Float[Array, "L B S G K"]
-    v: Float[Array, "L B S G K"]
+    k: Float[Array, "B L G S K"]
+    v: Float[Array, "B L G S K"]
     positions: Int[Array, "B S"]
     lengths: Int[Array, " B"]
 
     @staticmethod
     def logical_axes() -> KVCache:
-        kv = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+        kv = ("batch", "layers", "act_kv_heads", "cache_seq", "head_dim")
         return KVCache(k=kv, v=kv, positions=("batch", "cache_seq"), lengths=("batch",))  # type: ignore[arg-type]
 
     @staticmethod
     def shapes(cfg: TextConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
-        kv = jax.ShapeDtypeStruct((cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(dtype))
+        kv = jax.ShapeDtypeStruct((batch, cfg.n_layers, cfg.n_kv_heads, max_len, cfg.head_dim), jnp.dtype(dtype))
         return KVCache(
             k=kv,
             v=kv,
@@ -121,6 +124,16 @@ class KVCache:
 def _write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     """Writes new[b] into buffer[b] at slot starts[b] along axis 1 (per-row offsets)."""
     return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=0))(buffer, new, starts)
+
+
+def _write_cache(cache: jax.Array, layer: jax.Array, new: Float[Array, "B T G K"], starts: jax.Array) -> jax.Array:
+    """Writes row b's new keys (or values) into `cache` [B, L, G, S, K] at `layer`, slots
+    starts[b] on; in place in a loop carry: the rest of the cache is neither read nor copied."""
+
+    def one(buf, x, s):  # buf [L, G, S, K], x [T, G, K]
+        return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(x, 0, 1)[None].astype(buf.dtype), (layer, 0, s, 0))
+
+    return jax.vmap(one)(cache, new, starts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,53 +175,64 @@ def decode_layers(
     attend_kw = dict(causal=True, impl=cfg.attention, block=cfg.attention_block, rules=cfg.rules)
 
     if cache is None:
-        kv_positions, kv_segments = positions, segment_ids
-    else:
-        valid = segment_ids != 0
-        kv_positions = _write_rows(cache.positions, jnp.where(valid, positions, -1), cache.lengths)
-        kv_segments = (kv_positions >= 0).astype(jnp.int32)
-        segment_ids = valid.astype(jnp.int32)
-        new_lengths = cache.lengths + jnp.sum(segment_ids, axis=1, dtype=jnp.int32)
 
-    def layer(x, scanned):
-        lp, cache_k, cache_v, per_layer = scanned
-        lp = jax.tree.map(lambda w: w.astype(cfg.dtype), lp)
+        def layer(x, scanned):
+            lp, (pos, seg) = scanned
+            lp = jax.tree.map(lambda w: w.astype(cfg.dtype), lp)
 
-        def attend(q, k, v):
-            if cache is not None:
-                k = _write_rows(cache_k, k.astype(cache_k.dtype), cache.lengths)
-                v = _write_rows(cache_v, v.astype(cache_v.dtype), cache.lengths)
-                where = dict(
-                    q_positions=positions, q_segments=segment_ids, kv_positions=kv_positions, kv_segments=kv_segments
-                )
-            else:
-                pos, seg = per_layer
+            def attend(q, k, v):
                 where = dict(q_positions=pos, q_segments=seg, kv_positions=pos, kv_segments=seg)
-            if cache is not None and cfg.attention != "xla":
-                out = cached_attention(q, k, v, **where, filled=jnp.max(new_lengths), block=cfg.attention_block)
-            else:
-                out = attention(q, k, v, **where, **attend_kw)
-            return out, k, v
+                return attention(q, k, v, **where, **attend_kw), None, None
 
-        x, kv = attention_block(x, lp, angles, attend, tc.norm_eps, cfg.rules)
-        x = swiglu_block(x, lp, tc.norm_eps, cfg.rules)
-        return x, (kv if cache is not None else None)
+            x, _ = attention_block(x, lp, angles, attend, tc.norm_eps, cfg.rules)
+            return swiglu_block(x, lp, tc.norm_eps, cfg.rules), None
 
-    layer = remat(layer, cfg.remat)
-    if cache is None:
         # Positions and segment ids enter the scan as per-layer inputs, not as closed-over loop
         # invariants: when the scan is differentiated, JAX hoists work on loop invariants out of
         # the loop, which would precompute the chunked attention's masks for every (query block,
         # key block) pair at once, memory quadratic in the sequence (seen with `magistral-jax plan`).
         per_layer = tuple(jnp.broadcast_to(a, (tc.n_layers, *a.shape)) for a in (positions, segment_ids))
-        xs = (params["layers"], None, None, per_layer)
-    else:
-        xs = (params["layers"], cache.k, cache.v, None)
-    with jax.named_scope("layers"):
-        x, kv = jax.lax.scan(layer, x, xs)
-    if cache is None:
+        with jax.named_scope("layers"):
+            x, _ = jax.lax.scan(remat(layer, cfg.remat), x, (params["layers"], per_layer))
         return x, None
-    new_k, new_v = kv
+
+    valid = segment_ids != 0
+    kv_positions = _write_rows(cache.positions, jnp.where(valid, positions, -1), cache.lengths)
+    new_lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)
+    where = dict(
+        q_positions=positions,
+        q_segments=valid.astype(jnp.int32),
+        kv_positions=kv_positions,
+        kv_segments=(kv_positions >= 0).astype(jnp.int32),
+    )
+
+    def cached_layer(carry, scanned):
+        # The whole cache rides in the loop carry and each layer writes its new keys and values
+        # into it in place. (Scanning over per-layer cache slices as inputs and outputs instead
+        # copies the entire cache, every layer and slot, on every decode step.)
+        x, cache_k, cache_v = carry
+        lp, i = scanned
+        lp = jax.tree.map(lambda w: w.astype(cfg.dtype), lp)
+
+        def attend(q, k, v):
+            write = lambda c, x: constrain(_write_cache(c, i, x, cache.lengths), axes, cfg.rules)  # noqa: E731
+            k_all, v_all = write(cache_k, k), write(cache_v, v)
+            if cfg.attention == "xla":
+                k_i, v_i = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, i, 1, False), 1, 2) for c in (k_all, v_all))
+                out = attention(q, k_i, v_i, **where, **attend_kw)
+            else:
+                out = cached_attention(
+                    q, k_all, v_all, i, **where, filled=jnp.max(new_lengths), block=cfg.attention_block
+                )
+            return out, k_all, v_all
+
+        x, (cache_k, cache_v) = attention_block(x, lp, angles, attend, tc.norm_eps, cfg.rules)
+        return (swiglu_block(x, lp, tc.norm_eps, cfg.rules), cache_k, cache_v), None
+
+    axes = KVCache.logical_axes().k
+    layer_ids = jnp.arange(tc.n_layers, dtype=jnp.int32)
+    with jax.named_scope("layers"):
+        (x, new_k, new_v), _ = jax.lax.scan(cached_layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
     return x, KVCache(k=new_k, v=new_v, positions=kv_positions, lengths=new_lengths)
 
 

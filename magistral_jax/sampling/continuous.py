@@ -74,13 +74,12 @@ def _insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, 
     """Prefills `prompts` into rows `slots` of `state` (an out-of-range slot drops its row)."""
     cache, last = prefill_rows(params, prompts, lengths, cfg, cache_len)
     put = lambda buf, x: buf.at[slots].set(x, mode="drop")  # noqa: E731
-    put_kv = lambda buf, x: buf.at[:, slots].set(x, mode="drop")  # noqa: E731
     zeros = {name: put(getattr(state, name), 0) for name in ("tokens", "logprobs", "raw_logprobs", "versions")}
     return dataclasses.replace(
         state,
         cache=decoder.KVCache(
-            k=put_kv(state.cache.k, cache.k),
-            v=put_kv(state.cache.v, cache.v),
+            k=put(state.cache.k, cache.k),
+            v=put(state.cache.v, cache.v),
             positions=put(state.cache.positions, cache.positions),
             lengths=put(state.cache.lengths, cache.lengths),
         ),

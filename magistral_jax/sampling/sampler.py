@@ -127,18 +127,13 @@ def _prefill(
 ) -> DecodeState:
     cache, last = prefill_rows(params, prompts, lengths, cfg, cache_len, images)
     # n samples per prompt: repeat the filled cache rather than prefilling again.
-    repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
-    cache = decoder.KVCache(
-        k=repeat(cache.k, 1),
-        v=repeat(cache.v, 1),
-        positions=repeat(cache.positions, 0),
-        lengths=repeat(cache.lengths, 0),
-    )
+    repeat = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    cache = jax.tree.map(repeat, cache)
     rows = prompts.shape[0] * n
-    limits = jnp.full((rows,), max_new, jnp.int32) if limits is None else repeat(limits, 0)
+    limits = jnp.full((rows,), max_new, jnp.int32) if limits is None else repeat(limits)
     return DecodeState(
         cache=cache,
-        logits=repeat(last, 0),
+        logits=repeat(last),
         logits_version=jnp.zeros((rows,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         **empty_outputs(rows, max_new),

@@ -145,6 +145,11 @@ def test_splash_inside_a_shard_map_over_the_mesh():
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
+def _cache_layout(*layers):
+    """[B, S, G, K] arrays, one per layer, as the decoder's cache [B, L, G, S, K]."""
+    return jnp.asarray(np.stack([np.swapaxes(a, 1, 2) for a in layers], axis=1), jnp.float32)
+
+
 def test_cached_attention_reads_only_the_filled_blocks():
     """Rows filled to 13 and 21 of 40 slots, blocks of 8: blocks 0-2 (slots 0-23) are read; NaNs
     from slot 24 on never reach the output, as they would if those slots were read (0 x NaN)."""
@@ -158,7 +163,9 @@ def test_cached_attention_reads_only_the_filled_blocks():
     want = _oracle(q, k, v, qp, qs, kp, ks, True)
     k[:, 24:], v[:, 24:] = np.nan, np.nan
     got = cached_attention(
-        *(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+        jnp.asarray(q, jnp.float32),
+        *(_cache_layout(a) for a in (k, v)),
+        jnp.int32(0),
         q_positions=jnp.asarray(qp),
         q_segments=jnp.asarray(qs),
         kv_positions=jnp.asarray(kp),
@@ -169,3 +176,28 @@ def test_cached_attention_reads_only_the_filled_blocks():
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
     # The plain implementation reads every slot: the NaNs poison it.
     assert np.isnan(np.asarray(_run("xla", q, k, v, qp, qs, kp, ks))).any()
+
+
+def test_cached_attention_reads_its_layer_of_the_stacked_cache_with_a_ragged_last_block():
+    """Blocks of 16 over 40 slots: the third block starts at slot 24 so that it fits, and slots
+    24-31, already read by the second, must count once. The other layers (NaN) are never read."""
+    rng = np.random.default_rng(7)
+    q, k, v, _, _ = _case(rng, t=1, s=40)
+    lengths = np.array([13, 37])
+    kp = np.where(np.arange(40)[None] < lengths[:, None], np.arange(40)[None], -1)
+    ks = (kp >= 0).astype(np.int32)
+    qp, qs = lengths[:, None] - 1, np.ones((2, 1), np.int32)
+    want = _oracle(q, k, v, qp, qs, kp, ks, True)
+    poisoned = np.full_like(k, np.nan)
+    got = cached_attention(
+        jnp.asarray(q, jnp.float32),
+        *(_cache_layout(poisoned, a, poisoned) for a in (k, v)),
+        jnp.int32(1),
+        q_positions=jnp.asarray(qp),
+        q_segments=jnp.asarray(qs),
+        kv_positions=jnp.asarray(kp),
+        kv_segments=jnp.asarray(ks),
+        filled=jnp.asarray(lengths.max()),
+        block=16,
+    )
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
