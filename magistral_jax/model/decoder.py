@@ -205,6 +205,7 @@ def decode_layers(
         kv_positions=kv_positions,
         kv_segments=(kv_positions >= 0).astype(jnp.int32),
     )
+    axes = KVCache.logical_axes().k
 
     def cached_layer(carry, scanned):
         # The whole cache rides in the loop carry and each layer writes its new keys and values
@@ -215,7 +216,7 @@ def decode_layers(
         lp = jax.tree.map(lambda w: w.astype(cfg.dtype), lp)
 
         def attend(q, k, v):
-            write = lambda c, x: constrain(_write_cache(c, i, x, cache.lengths), axes, cfg.rules)  # noqa: E731
+            write = lambda c, new: constrain(_write_cache(c, i, new, cache.lengths), axes, cfg.rules)  # noqa: E731
             k_all, v_all = write(cache_k, k), write(cache_v, v)
             if cfg.attention == "xla":
                 k_i, v_i = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, i, 1, False), 1, 2) for c in (k_all, v_all))
@@ -229,7 +230,6 @@ def decode_layers(
         x, (cache_k, cache_v) = attention_block(x, lp, angles, attend, tc.norm_eps, cfg.rules)
         return (swiglu_block(x, lp, tc.norm_eps, cfg.rules), cache_k, cache_v), None
 
-    axes = KVCache.logical_axes().k
     layer_ids = jnp.arange(tc.n_layers, dtype=jnp.int32)
     with jax.named_scope("layers"):
         (x, new_k, new_v), _ = jax.lax.scan(cached_layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
