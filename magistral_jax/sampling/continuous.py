@@ -77,12 +77,7 @@ def _insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, 
     zeros = {name: put(getattr(state, name), 0) for name in ("tokens", "logprobs", "raw_logprobs", "versions")}
     return dataclasses.replace(
         state,
-        cache=decoder.KVCache(
-            k=put(state.cache.k, cache.k),
-            v=put(state.cache.v, cache.v),
-            positions=put(state.cache.positions, cache.positions),
-            lengths=put(state.cache.lengths, cache.lengths),
-        ),
+        cache=jax.tree.map(put, state.cache, cache),  # every cache array is row-major
         logits=put(state.logits, last),
         logits_version=put(state.logits_version, version),
         **zeros,

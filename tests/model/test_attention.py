@@ -145,35 +145,42 @@ def test_splash_inside_a_shard_map_over_the_mesh():
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
-def _cache_layout(*layers):
-    """[B, S, G, K] arrays, one per layer, as the decoder's cache [B, L, G, S, K]."""
-    return jnp.asarray(np.stack([np.swapaxes(a, 1, 2) for a in layers], axis=1), jnp.float32)
+def _filled_cache(rng, t: int, lengths):
+    """A 40-slot cache whose rows are filled to `lengths`, the last `t` filled slots as queries:
+    (q, k, v, q_positions, q_segments, kv_positions, kv_segments) and the loop-form oracle."""
+    q, k, v, _, _ = _case(rng, t=t, s=40)
+    kp = np.where(np.arange(40)[None] < lengths[:, None], np.arange(40)[None], -1)
+    ks = (kp >= 0).astype(np.int32)
+    qp = lengths[:, None] - t + np.arange(t)[None]
+    qs = np.ones((len(lengths), t), np.int32)
+    return (q, k, v, qp, qs, kp, ks), _oracle(q, k, v, qp, qs, kp, ks, True)
+
+
+def _cached(q, k_layers, v_layers, layer, qp, qs, kp, ks, block):
+    """`cached_attention` over `layer` of the caches made of the [B, S, G, K] arrays `*_layers`
+    (one per layer, stacked as the decoder's cache [B, L, G, S, K])."""
+    stack = lambda layers: jnp.asarray(np.stack([np.swapaxes(a, 1, 2) for a in layers], axis=1))  # noqa: E731
+    out = cached_attention(
+        jnp.asarray(q, jnp.float32),
+        stack(k_layers).astype(jnp.float32),
+        stack(v_layers).astype(jnp.float32),
+        jnp.int32(layer),
+        q_positions=jnp.asarray(qp),
+        q_segments=jnp.asarray(qs),
+        kv_positions=jnp.asarray(kp),
+        kv_segments=jnp.asarray(ks),
+        filled=jnp.asarray(kp.max() + 1),
+        block=block,
+    )
+    return np.asarray(out)
 
 
 def test_cached_attention_reads_only_the_filled_blocks():
     """Rows filled to 13 and 21 of 40 slots, blocks of 8: blocks 0-2 (slots 0-23) are read; NaNs
     from slot 24 on never reach the output, as they would if those slots were read (0 x NaN)."""
-    rng = np.random.default_rng(6)
-    q, k, v, _, _ = _case(rng, t=2, s=40)
-    lengths = np.array([13, 21])
-    kp = np.where(np.arange(40)[None] < lengths[:, None], np.arange(40)[None], -1)
-    ks = (kp >= 0).astype(np.int32)
-    qp = np.stack([lengths - 2, lengths - 1], axis=1)
-    qs = np.ones((2, 2), np.int32)
-    want = _oracle(q, k, v, qp, qs, kp, ks, True)
+    (q, k, v, qp, qs, kp, ks), want = _filled_cache(np.random.default_rng(6), 2, np.array([13, 21]))
     k[:, 24:], v[:, 24:] = np.nan, np.nan
-    got = cached_attention(
-        jnp.asarray(q, jnp.float32),
-        *(_cache_layout(a) for a in (k, v)),
-        jnp.int32(0),
-        q_positions=jnp.asarray(qp),
-        q_segments=jnp.asarray(qs),
-        kv_positions=jnp.asarray(kp),
-        kv_segments=jnp.asarray(ks),
-        filled=jnp.asarray(lengths.max()),
-        block=8,
-    )
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    np.testing.assert_allclose(_cached(q, [k], [v], 0, qp, qs, kp, ks, block=8), want, atol=2e-5)
     # The plain implementation reads every slot: the NaNs poison it.
     assert np.isnan(np.asarray(_run("xla", q, k, v, qp, qs, kp, ks))).any()
 
@@ -181,23 +188,7 @@ def test_cached_attention_reads_only_the_filled_blocks():
 def test_cached_attention_reads_its_layer_of_the_stacked_cache_with_a_ragged_last_block():
     """Blocks of 16 over 40 slots: the third block starts at slot 24 so that it fits, and slots
     24-31, already read by the second, must count once. The other layers (NaN) are never read."""
-    rng = np.random.default_rng(7)
-    q, k, v, _, _ = _case(rng, t=1, s=40)
-    lengths = np.array([13, 37])
-    kp = np.where(np.arange(40)[None] < lengths[:, None], np.arange(40)[None], -1)
-    ks = (kp >= 0).astype(np.int32)
-    qp, qs = lengths[:, None] - 1, np.ones((2, 1), np.int32)
-    want = _oracle(q, k, v, qp, qs, kp, ks, True)
-    poisoned = np.full_like(k, np.nan)
-    got = cached_attention(
-        jnp.asarray(q, jnp.float32),
-        *(_cache_layout(poisoned, a, poisoned) for a in (k, v)),
-        jnp.int32(1),
-        q_positions=jnp.asarray(qp),
-        q_segments=jnp.asarray(qs),
-        kv_positions=jnp.asarray(kp),
-        kv_segments=jnp.asarray(ks),
-        filled=jnp.asarray(lengths.max()),
-        block=16,
-    )
+    (q, k, v, qp, qs, kp, ks), want = _filled_cache(np.random.default_rng(7), 1, np.array([13, 37]))
+    nan = np.full_like(k, np.nan)
+    got = _cached(q, [nan, k, nan], [nan, v, nan], 1, qp, qs, kp, ks, block=16)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
