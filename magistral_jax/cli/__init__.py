@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from magistral_jax.cli import bench, convert, demo, evaluate, generate, plan, score, train
+from magistral_jax.cli import bench, convert, demo, evaluate, export, generate, plan, score, train
 
-_COMMANDS = (demo, convert, generate, train, score, evaluate, bench, plan)
+_COMMANDS = (demo, convert, generate, train, export, score, evaluate, bench, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,11 +20,13 @@ from magistral_jax.data.problems import DataError, Problem, ProblemSource, read_
 from magistral_jax.data.procedural import SOURCES, Example
 
 
-def _system_prompt(choice: str, tokenizer) -> str | None:
+def system_prompt(choice: str, tokenizer) -> str | None:
+    """The system prompt of training data: `none`, `default` (the tokenizer's training prompt: the
+    model card's for the `[THINK]` style, the paper's RL prompt for the `<think>` style), or a file."""
     if choice == "none":
         return None
     if choice == "default":
-        return tokenizer.default_system_prompt()
+        return tokenizer.training_system_prompt()
     with open(choice) as f:
         return f.read()
 
@@ -59,7 +61,7 @@ def make_source(spec: dict[str, Any], seed: int, tokenizer=None):
     path = spec.pop("path", None)
     if path is None:
         raise ValueError(f"data ({name}): `path` is required")
-    system = _system_prompt(spec.pop("system_prompt", "default"), tokenizer)
+    system = system_prompt(spec.pop("system_prompt", "default"), tokenizer)
     levels, languages = spec.pop("levels", None), spec.pop("languages", None)
     strict = bool(spec.pop("strict", False))
     if spec:

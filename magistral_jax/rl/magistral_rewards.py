@@ -19,9 +19,9 @@ Code: the first fenced block of the answer runs against up to `max_tests` of the
 whitespace), the same subset for every completion of a group (chosen by the `test_seed` field),
 each in the sandbox (`rl.sandbox`) with 4 s and 300 MB; C++ is compiled as C++20 within 10 s.
 
-Language: LaTeX, code blocks and inline code are removed from each part; parts with fewer than
-`MIN_LETTERS` letters left are too short to identify and are skipped; the rest are classified by
-lingua (which ships its model) among `languages`, and must all agree.
+Language: LaTeX, code blocks and inline code are removed from each part, and each is classified by
+lingua (which ships its model) among `languages`; the bonus needs all three identified and in one
+language (a part with fewer than `MIN_LETTERS` letters left cannot be identified: no bonus).
 """
 
 from __future__ import annotations
@@ -198,13 +198,38 @@ def detect_language(text: str, languages: Sequence[str] = LANGUAGES) -> str | No
 def language_consistent(
     problem: str, thinking: str, answer: str, languages: Sequence[str] = LANGUAGES
 ) -> tuple[bool, str]:
+    """Whether problem, thinking and answer are all in one language, and what was found.
+
+    The paper grants the bonus "if ... all three parts used the same language": each part must be
+    identified. A part with fewer than `MIN_LETTERS` letters once LaTeX and code are removed (a bare
+    `\\boxed{42}` answer, a thinking block of formulas only) cannot be, so it earns no bonus;
+    skipping it would let a completion collect the bonus by leaving parts without words.
+    """
     found = {
         part: detect_language(text, languages)
         for part, text in (("problem", problem), ("thinking", thinking), ("answer", answer))
     }
-    named = {k: v for k, v in found.items() if v is not None}
-    agree = len(set(named.values())) == 1
-    return agree, ", ".join(f"{k}: {v or '-'}" for k, v in found.items())
+    agree = None not in found.values() and len(set(found.values())) == 1
+    return agree, ", ".join(f"{k}: {v or 'too short to identify'}" for k, v in found.items())
+
+
+def prompt_conflicts(system_prompt: str | None, style: str) -> str | None:
+    """Why a system prompt contradicts the math format this reward grades (None when it does not):
+    it asks for the other style's thinking tags, or forbids `\\boxed{}`. A run whose model obeyed
+    such a prompt would score 0 on every answer."""
+    if not system_prompt:
+        return None
+    style = STYLE_ALIASES[style]
+    opening, closing = TAGS[style]
+    for other, (other_open, other_close) in TAGS.items():
+        if other != style and other_open in system_prompt and opening not in system_prompt:
+            return (
+                f"the system prompt asks for {other_open}...{other_close}, the reward (style {style}) grades "
+                f"{opening}...{closing}"
+            )
+    if re.search(r"\b(never|not|don't|dont)\b[^.\n]{0,20}\buse\s+\\boxed", system_prompt, re.IGNORECASE):
+        return "the system prompt forbids \\boxed{}, where the reward reads math answers"
+    return None
 
 
 @register_reward("magistral")

@@ -126,10 +126,52 @@ def test_detects_the_seven_languages_with_latex_and_code_removed(text, language)
     assert detect_language(text) == language
 
 
-def test_parts_too_short_to_identify_are_skipped():
+@pytest.mark.parametrize(
+    ("problem", "thinking", "answer"),
+    [
+        (PROBLEM_FR, THINK_FR, "\\boxed{7}"),  # a bare boxed answer
+        (PROBLEM_FR, "$3 + 4 = 7$", ANSWER_FR),  # thinking in formulas only
+        (PROBLEM_FR, "3+4=7", "\\boxed{7}"),  # only the problem has words: nothing to compare it with
+        ("$3 + 4$?", THINK_FR, ANSWER_FR),
+    ],
+)
+def test_the_language_bonus_needs_all_three_parts_identified(problem, thinking, answer):
+    # The paper: the bonus is given "if ... all three parts used the same language". A part too short
+    # to identify (fewer than MIN_LETTERS letters once LaTeX and code are gone) cannot show that.
     assert detect_language("$x^2 + 1$ = 7") is None  # nothing but LaTeX and a number
-    agree, found = language_consistent(PROBLEM_FR, THINK_FR, "\\boxed{7}")
-    assert agree and "answer: -" in found
+    agree, found = language_consistent(problem, thinking, answer)
+    assert not agree and "too short to identify" in found
+    reward, comps, reason = score(f"[THINK]{thinking}[/THINK]{answer}", problem=problem)
+    assert comps["language"] == 0.0 and reward == pytest.approx(1.0) and "too short to identify" in reason
+    assert language_consistent(PROBLEM_FR, THINK_FR, ANSWER_FR)[0]
+
+
+@pytest.mark.parametrize("style", ["think_tokens", "think_tags"])
+def test_the_training_system_prompt_agrees_with_the_reward_format(style, tmp_path):
+    from magistral_jax.rl.magistral_rewards import TAGS, prompt_conflicts
+    from magistral_jax.tokenizer import SYSTEM_PROMPTS, TRAINING_SYSTEM_PROMPT
+
+    prompt = SYSTEM_PROMPTS[TRAINING_SYSTEM_PROMPT[style]]
+    opening, closing = TAGS[style]
+    # The prompt teaches the very tags the format reward checks, and nothing in it forbids the
+    # \boxed{} answer the math reward reads.
+    assert opening in prompt and closing in prompt
+    assert prompt_conflicts(prompt, style) is None
+    # An answer written as the prompt's template asks, with a boxed result, earns the format reward.
+    template = f"{opening}{THINK_EN}{closing}{ANSWER_EN}"
+    assert score(template, style=style)[1]["format"] == 0.1
+
+
+def test_a_system_prompt_that_contradicts_the_reward_is_named():
+    from magistral_jax.rl.magistral_rewards import prompt_conflicts
+    from magistral_jax.tokenizer import SYSTEM_PROMPTS
+
+    # The 2506 card's chat prompt forbids \boxed{}: a math RL run that trained on it would score every
+    # obedient answer 0.
+    assert "forbids" in prompt_conflicts(SYSTEM_PROMPTS["magistral-small-2506"], "think_tags")
+    assert "<think>" in prompt_conflicts(SYSTEM_PROMPTS["magistral-rl"], "think_tokens")
+    assert "[THINK]" in prompt_conflicts(SYSTEM_PROMPTS["magistral-small-2509"], "think_tags")
+    assert prompt_conflicts("Solve it. Put the final answer in \\boxed{}.", "think_tokens") is None
 
 
 def test_code_answers_need_a_fenced_block_with_a_language_tag():
