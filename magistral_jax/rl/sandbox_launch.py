@@ -396,10 +396,20 @@ def init_main(ctl: socket.socket, cfg: dict, alive: int) -> None:
         serve(ctl, state)
     finally:
         if not state["confined"]:
-            import shutil
-
-            shutil.rmtree(state["box"], ignore_errors=True)
+            remove_tree(state["box"])
     os._exit(0)
+
+
+def remove_tree(top: str) -> None:
+    """Removes the unconfined box, which the seal (or the program) may have made read-only."""
+    import shutil
+
+    for root, _, _ in os.walk(top):
+        try:
+            os.chmod(root, 0o700)
+        except OSError:
+            pass
+    shutil.rmtree(top, ignore_errors=True)
 
 
 def write_map(path: str, text: str) -> None:

@@ -192,6 +192,17 @@ def host(tmp_path):
     assert snapshot() == before
 
 
+@pytest.fixture
+def public(tmp_path):
+    """A world-readable directory (pytest's own are root-only): what a data directory or a
+    project checkout usually is."""
+    path = os.path.join("/tmp", f"magistral-public-{uuid.uuid4().hex}")
+    os.makedirs(path)
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def python_answer(program: str) -> str:
     return f"Solution:\n```python\n{program}```"
 
@@ -340,22 +351,22 @@ def test_attack_looking_up_the_expected_output_in_the_bundled_problem_set(boxes)
     assert not ok and "wrong output" in reason
 
 
-def test_attack_reading_the_data_file_named_in_the_scorers_command_line(tmp_path):
-    # `magistral-jax score --data problems.jsonl`, run from the data's directory (a relative path):
-    # the program looks for the file in every command line, environment, working directory and
-    # open file it can see, and the expected output exists nowhere else.
+def test_attack_reading_the_data_file_named_in_the_scorers_command_line(public):
+    # `magistral-jax score --data /abs/problems.jsonl --completions completions.jsonl`, run from the
+    # data's directory: the program looks for the file in every command line, environment, working
+    # directory and open file it can see, and the expected output exists nowhere else.
     tests = [{"input": f"token-{MARK}\n", "output": f"{SECRET}\n"}]
-    (tmp_path / "problems.jsonl").write_text(
-        json.dumps({"id": "p", "problem": "Print the hidden token.", "task": "code", "tests": tests}) + "\n"
-    )
+    with open(os.path.join(public, "problems.jsonl"), "w") as f:
+        f.write(json.dumps({"id": "p", "problem": "Print the hidden token.", "task": "code", "tests": tests}) + "\n")
     completion = f"[THINK]Look it up.[/THINK]\n```python\n{look_up([])}```"
-    (tmp_path / "completions.jsonl").write_text(json.dumps({"id": "p", "completion": completion}) + "\n")
-    env = {**os.environ, "PYTHONPATH": ROOT, "MAGISTRAL_DATA": str(tmp_path / "problems.jsonl")}
+    with open(os.path.join(public, "completions.jsonl"), "w") as f:
+        f.write(json.dumps({"id": "p", "completion": completion}) + "\n")
+    env = {**os.environ, "PYTHONPATH": ROOT, "MAGISTRAL_DATA": os.path.join(public, "problems.jsonl")}
     # `magistral-jax score ...` (its parser and run; without the CLI's start-up imports of JAX)
     cli = "import sys; from magistral_jax.cli import build_parser as b; a = b().parse_args(sys.argv[1:]); a.run(a)"
-    command = [sys.executable, "-c", cli, "score", "--data", "problems.jsonl"]
+    command = [sys.executable, "-c", cli, "score", "--data", os.path.join(public, "problems.jsonl")]
     command += ["--completions", "completions.jsonl", "--workers", "1", "--no-language"]
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(command, cwd=public, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     (record,) = [json.loads(line) for line in run.stdout.splitlines()]
     assert record["components"]["correct"] == 0.0 and record["components"]["format"] == 0.1
@@ -449,6 +460,34 @@ def test_leaks_outlive_nothing(boxes):
     assert score(LEAKS + SOLVE, TESTS * 2) == (True, None)
     for path in (f"/run/lock/{MARK}", f"/dev/shm/sem.{MARK}", f"/dev/shm/sem.{MARK}-named", f"/tmp/{MARK}"):
         assert not os.path.exists(path)
+
+
+def test_nothing_of_a_run_reaches_the_next(boxes):
+    # The first run leaves a process, a SysV segment and files in every writable place; the
+    # second prints the expected "found" only if any of them is still there.
+    program = textwrap.dedent(f"""
+        import ctypes, os, sys, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        places = ["/tmp/{MARK}", "/dev/shm/{MARK}", "/run/lock/{MARK}", os.path.expanduser("~/{MARK}")]
+        if input() == "first":
+            libc.shmget(0x5EED, 4096, 0o1600)
+            for path in places:
+                try:
+                    open(path, "w").close()
+                except OSError:
+                    pass
+            if os.fork() == 0:
+                os.setsid()
+                time.sleep(60)
+            print("planted")
+        else:
+            others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]
+            left = others or libc.shmget(0x5EED, 0, 0) >= 0 or any(os.path.exists(p) for p in places)
+            print("found" if left else "clean")
+    """)
+    tests = [{"input": "first\n", "output": "planted\n"}, {"input": "second\n", "output": "found\n"}]
+    ok, reason = score(program, tests)
+    assert not ok and reason == "code: test 2/2: wrong output"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
@@ -570,19 +609,24 @@ def test_a_completion_past_the_pools_time_limit_gets_zero_and_the_pool_goes_on()
 
 
 POOL_PARENT = textwrap.dedent("""
-    import json, os, time
+    import json, os
     from magistral_jax.rl.rewards import RewardPool
-    pool = RewardPool("token_frequency", {"token": 7}, workers=2)
-    assert pool(["p"] * 4, ["c"] * 4, completion_ids=[[7, 1], [7], [1], [7, 7, 1, 1]]).rewards == [0.5, 1, 0, 0.5]
+    pool = RewardPool("magistral", {"language_reward": False}, workers=2)
+    def code(program, tests):
+        return pool(["Add."] * 2, ["[THINK]Add.[/THINK]```python\\n" + program + "```"] * 2, task=["code"] * 2,
+                    tests=[tests] * 2)
+    assert code("print(5)", [{"input": "", "output": "5"}]).components["correct"] == [0.9, 0.9]
     pids = [w.proc.pid for w in pool._idle]
     mapped = [p for pid in [os.getpid(), *pids] for p in open(f"/proc/{pid}/maps").read().split() if "/dev/shm/" in p]
     print(json.dumps([pids, mapped]), flush=True)
-    time.sleep(60)
+    code("import time\\ntime.sleep(3)\\nprint(5)", [{"input": "", "output": "5"}] * 10)  # 30 s: killed first
 """)
 
 
 @pytest.mark.parametrize("how", ["process", "process group"])
 def test_reward_workers_end_with_a_killed_parent(how):
+    # Killed while its workers are busy (each running a sandboxed program): the workers, their
+    # sandboxes and the programs end too.
     parent = subprocess.Popen(
         [sys.executable, "-c", POOL_PARENT],
         env={**os.environ, "PYTHONPATH": ROOT},
@@ -593,14 +637,19 @@ def test_reward_workers_end_with_a_killed_parent(how):
     try:
         with bounded():
             pids, mapped = json.loads(parent.stdout.readline())
-        workers = {(pid, processes()[pid][1]) for pid in pids}
-        assert len(workers) == 2 and mapped == []  # no semaphore (or other /dev/shm file) in use
+            assert len(pids) == 2 and mapped == []  # no semaphore (or other /dev/shm file) in use
+            while True:  # until both workers run their sandboxed program
+                started = descendants(parent.pid)
+                table = processes()
+                if sum(1 for pid, _ in started if pid in table and table[pid][2] != 0) >= 2:
+                    break
+                time.sleep(0.05)
         if how == "process":
             parent.kill()
         else:
             os.killpg(parent.pid, signal.SIGKILL)
         parent.wait()
-        assert wait_until_gone(workers) == set()
+        assert wait_until_gone(started) == set()
     finally:
         parent.kill()
 
@@ -625,7 +674,7 @@ NO_USER_NAMESPACES = textwrap.dedent("""
         open("/proc/self/" + path, "w").write(text)
     open("/proc/sys/user/max_user_namespaces", "w").write("0")
     from magistral_jax.rl.magistral_rewards import code_correct
-    from magistral_jax.rl.sandbox import SandboxUnavailable
+    from magistral_jax.rl.sandbox import Sandbox, SandboxUnavailable
     program = "```python\\na, b = map(int, input().split())\\nprint(a + b)\\n```"
     tests = [{"input": "2 3\\n", "output": "5\\n"}]
     try:
@@ -633,7 +682,10 @@ NO_USER_NAMESPACES = textwrap.dedent("""
     except SandboxUnavailable as e:
         refused = str(e)
     os.environ["MAGISTRAL_SANDBOX"] = "unconfined"
-    print(json.dumps([refused, code_correct(program, tests, seed=0)]))
+    with Sandbox() as box:
+        box.write("main.py", "print(1)")
+        assert box.run([box.python, "-I", box.path("main.py")]).stdout == "1\\n"
+    print(json.dumps([refused, code_correct(program, tests, seed=0), os.path.exists(box.box)]))
 """)
 
 
@@ -646,10 +698,10 @@ def test_a_machine_without_user_namespaces_refuses_unless_unconfined_is_asked_fo
         timeout=BOUND,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    refused, unconfined = json.loads(run.stdout)
+    refused, unconfined, box_left = json.loads(run.stdout)
     assert refused.startswith("sandbox: cannot confine untrusted code on this machine (user mode: unshare:")
     assert "sysctl user.max_user_namespaces=10000" in refused and "MAGISTRAL_SANDBOX=unconfined" in refused
-    assert unconfined == [True, None]
+    assert unconfined == [True, None] and not box_left
     assert "WARNING: MAGISTRAL_SANDBOX=unconfined" in run.stderr
 
 
@@ -667,64 +719,59 @@ AS_A_USER = textwrap.dedent("""
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to become another user")
-def test_attacks_as_an_ordinary_user(tmp_path):
+def test_attacks_as_an_ordinary_user(public):
     # As `nobody`: the program's uid is the user's own (in a user namespace), so the user's own
     # files, processes and segments are what it must not reach or leave behind.
     python = "/usr/bin/python3"
     if not os.path.exists(python):
         pytest.skip("needs a system Python that `nobody` may run")
-    user = 65534
-    home = os.path.join("/tmp", f"magistral-user-test-{MARK}")
-    os.makedirs(home, mode=0o755)
-    try:
-        secret = os.path.join(home, "secret.txt")
-        with open(secret, "w") as f:
-            f.write(SECRET + "\n")
-        data = os.path.join(home, "problems.jsonl")
-        hidden = [{"input": f"token-{MARK}\n", "output": SECRET + "\n"}]
-        with open(data, "w") as f:
-            f.write(json.dumps({"id": "p", "problem": "Print the token.", "tests": hidden}) + "\n")
-        for path in (secret, data, home):
-            os.chown(path, user, user)
-        os.chmod(secret, 0o600)
-        cases = {
-            "honest": (SOLVE, TESTS),
-            "reads the user's file": (steal([secret]), [{"input": "\n", "output": SECRET + "\n"}]),
-            "looks up the data file in the command line": (look_up([]), hidden),
-            "symlinks the streams": (f"HOST = {secret!r}\n" + plant("symlink") + SOLVE, TESTS * 2),
-            "plants fifos": (f"HOST = {secret!r}\n" + plant("fifo") + SOLVE, TESTS * 2),
-            "leaks and kills": (LEAKS + "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + SOLVE, TESTS * 2),
-        }
-        with open(os.path.join(home, "cases.json"), "w") as f:
-            json.dump(cases, f)
-        before = owned_by(user)
-        become = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-        run = subprocess.run(
-            # the data file's path is in the scorer's command line
-            [*become, python, "-c", AS_A_USER, os.path.join(home, "cases.json"), data],
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT, "HOME": home},
-            cwd=home,
-            capture_output=True,
-            text=True,
-            timeout=4 * BOUND,
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        results = json.loads(run.stdout)
-        assert SECRET not in run.stdout
-        assert {k: v[:2] for k, v in results.items() if k in ("honest", "symlinks the streams", "plants fifos")} == {
-            "honest": [True, None],
-            "symlinks the streams": [True, None],
-            "plants fifos": [True, None],
-        }
-        assert results["leaks and kills"][:2] == [True, None]  # kill(-1) reached nothing outside
-        for name in ("reads the user's file", "looks up the data file in the command line"):
-            assert not results[name][0] and results[name][1].endswith("wrong output")
-        assert all(v[2] < BOUND for v in results.values())
-        with open(secret) as f:
-            assert f.read() == SECRET + "\n"
-        assert wait_until_gone(owned_by(user) - before) == set()
-        assert uid_shm(user) == []
-        for path in (f"/run/lock/{MARK}", f"/dev/shm/sem.{MARK}", f"/dev/shm/sem.{MARK}-named", f"/tmp/{MARK}"):
-            assert not os.path.exists(path)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    user, home = 65534, public
+    secret = os.path.join(home, "secret.txt")
+    with open(secret, "w") as f:
+        f.write(SECRET + "\n")
+    data = os.path.join(home, "problems.jsonl")
+    hidden = [{"input": f"token-{MARK}\n", "output": SECRET + "\n"}]
+    with open(data, "w") as f:
+        f.write(json.dumps({"id": "p", "problem": "Print the token.", "tests": hidden}) + "\n")
+    for path in (secret, data, home):
+        os.chown(path, user, user)
+    os.chmod(secret, 0o600)
+    cases = {
+        "honest": (SOLVE, TESTS),
+        "reads the user's file": (steal([secret]), [{"input": "\n", "output": SECRET + "\n"}]),
+        "looks up the data file in the command line": (look_up([]), hidden),
+        "symlinks the streams": (f"HOST = {secret!r}\n" + plant("symlink") + SOLVE, TESTS * 2),
+        "plants fifos": (f"HOST = {secret!r}\n" + plant("fifo") + SOLVE, TESTS * 2),
+        "leaks and kills": (LEAKS + "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + SOLVE, TESTS * 2),
+    }
+    with open(os.path.join(home, "cases.json"), "w") as f:
+        json.dump(cases, f)
+    before = owned_by(user)
+    become = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    run = subprocess.run(
+        # the data file's path is in the scorer's command line
+        [*become, python, "-c", AS_A_USER, os.path.join(home, "cases.json"), data],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT, "HOME": home},
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=4 * BOUND,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout)
+    assert SECRET not in run.stdout
+    assert {k: v[:2] for k, v in results.items() if k in ("honest", "symlinks the streams", "plants fifos")} == {
+        "honest": [True, None],
+        "symlinks the streams": [True, None],
+        "plants fifos": [True, None],
+    }
+    assert results["leaks and kills"][:2] == [True, None]  # kill(-1) reached nothing outside
+    for name in ("reads the user's file", "looks up the data file in the command line"):
+        assert not results[name][0] and results[name][1].endswith("wrong output")
+    assert all(v[2] < BOUND for v in results.values())
+    with open(secret) as f:
+        assert f.read() == SECRET + "\n"
+    assert wait_until_gone(owned_by(user) - before) == set()
+    assert uid_shm(user) == []
+    for path in (f"/run/lock/{MARK}", f"/dev/shm/sem.{MARK}", f"/dev/shm/sem.{MARK}-named", f"/tmp/{MARK}"):
+        assert not os.path.exists(path)
