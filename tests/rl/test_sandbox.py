@@ -705,6 +705,21 @@ def test_a_machine_without_user_namespaces_refuses_unless_unconfined_is_asked_fo
     assert "WARNING: MAGISTRAL_SANDBOX=unconfined" in run.stderr
 
 
+SIGNALS_INIT = textwrap.dedent("""
+    import os, signal, threading, time
+    def pester():
+        while True:
+            for sig in (signal.SIGINT, signal.SIGALRM, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+                try:
+                    os.kill(1, sig)
+                except OSError:
+                    pass
+    threading.Thread(target=pester, daemon=True).start()
+    time.sleep(0.3)
+    if os.fork() == 0:  # and keeps pestering after the program's end
+        pester()
+""")
+
 AS_A_USER = textwrap.dedent("""
     import json, os, sys, time
     from magistral_jax.rl.magistral_rewards import code_correct
@@ -743,6 +758,8 @@ def test_attacks_as_an_ordinary_user(public):
         "symlinks the streams": (f"HOST = {secret!r}\n" + plant("symlink") + SOLVE, TESTS * 2),
         "plants fifos": (f"HOST = {secret!r}\n" + plant("fifo") + SOLVE, TESTS * 2),
         "leaks and kills": (LEAKS + "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + SOLVE, TESTS * 2),
+        # its run's init has the program's uid here: any signal it handled would reach it
+        "signals its init": (SIGNALS_INIT + SOLVE, TESTS * 2),
     }
     with open(os.path.join(home, "cases.json"), "w") as f:
         json.dump(cases, f)
@@ -766,6 +783,7 @@ def test_attacks_as_an_ordinary_user(public):
         "plants fifos": [True, None],
     }
     assert results["leaks and kills"][:2] == [True, None]  # kill(-1) reached nothing outside
+    assert results["signals its init"][:2] == [True, None]
     for name in ("reads the user's file", "looks up the data file in the command line"):
         assert not results[name][0] and results[name][1].endswith("wrong output")
     assert all(v[2] < BOUND for v in results.values())
