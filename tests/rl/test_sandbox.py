@@ -535,6 +535,16 @@ def test_the_output_kept_is_bounded():
         assert not result.ok and "File too large" in result.reason and 0 < len(result.stdout) <= 2**20
 
 
+def test_the_package_is_masked_where_a_bound_directory_holds_it():
+    # A tool installed in the project tree shows that tree (as /usr shows a package installed
+    # there); the package inside it, with its bundled problem sets, stays hidden.
+    package = os.path.dirname(magistral_jax.__file__)
+    with Sandbox(tools=[os.path.join(ROOT, "tools", "make_datasets.py")]) as box:
+        box.write("main.py", f"import os\nprint('pyproject.toml' in os.listdir({ROOT!r}), os.listdir({package!r}))\n")
+        result = box.run([box.python, "-I", box.path("main.py")])
+    assert (result.ok, result.stdout) == (True, "True []\n"), result.reason
+
+
 def test_files_are_written_before_any_program_runs():
     with Sandbox() as box:
         box.write("main.py", SOLVE)
