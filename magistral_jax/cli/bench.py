@@ -517,6 +517,7 @@ SCORE_PROGRAMS = {
 
 def run_score(args: argparse.Namespace) -> int:
     from magistral_jax.rl.magistral_rewards import code_correct
+    from magistral_jax.rl.sandbox import SandboxError
 
     if args.completions < 1 or args.tests < 1 or args.repeats < 1:
         raise ValueError("bench score: --completions, --tests and --repeats must be positive")
@@ -531,7 +532,7 @@ def run_score(args: argparse.Namespace) -> int:
             for seed in range(args.completions):
                 ok, reason = code_correct(answer, tests, seed, max_tests=args.tests)
                 if not ok:
-                    raise RuntimeError(f"bench score: the {language} program failed: {reason}")
+                    raise SandboxError(f"bench score: the correct {language} program failed: {reason}")
             best = min(best, time.perf_counter() - start)
         runs = args.completions * args.tests
         results[language] = {"tests_per_s": round(runs / best, 2), "seconds": round(best, 2)}
