@@ -101,8 +101,9 @@ class RewardPool:
     completion cannot stall or crash the grader. Workers are plain subprocesses exchanging pickles
     over pipes (no multiprocessing semaphores, nothing in /dev/shm), in sessions of their own, and
     end with this process however it ends, SIGKILL included: each watches a pipe whose other end
-    only this process holds. An exception raised by the reward itself (a configuration or data
-    error) is raised here.
+    only this process holds. Calls from several threads (asynchronous GRPO's verifiers) share the
+    workers, never more than `workers` in all. An exception raised by the reward itself (a
+    configuration or data error) is raised here.
     """
 
     def __init__(
@@ -113,6 +114,8 @@ class RewardPool:
             raise ValueError(f"reward pool: workers >= 0 and timeout > 0 expected, got {workers} and {timeout}")
         self.name, self.kwargs, self.workers, self.timeout = name, dict(kwargs or {}), workers, timeout
         self._idle: list[_Worker] = []
+        self._live = 0  # workers started and not ended, idle or busy: at most `workers`
+        self._changed = threading.Condition()  # callers (verifier threads) share the workers
         self._lifeline = os.pipe() if workers > 0 else None
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Sequence[Any]) -> RewardOutput:
@@ -135,20 +138,15 @@ class RewardPool:
         running: dict[_Worker, tuple[int, float]] = {}
         try:
             while pending or running:
-                while pending and len(running) < self.workers:
-                    worker = self._idle.pop() if self._idle else _Worker(self._lifeline[0])
+                # Take workers while there is work; wait for one only when this call has none busy.
+                while pending and (worker := self._acquire(wait=not running)) is not None:
                     i = pending.popleft()
-                    task = (
-                        self.name,
-                        self.kwargs,
-                        [prompts[i]],
-                        [completions[i]],
-                        {k: [v[i]] for k, v in fields.items()},
-                    )
+                    one = {k: [v[i]] for k, v in fields.items()}
+                    task = (self.name, self.kwargs, [prompts[i]], [completions[i]], one)
                     running[worker] = (i, time.monotonic() + self.timeout)
                     if not worker.send(task):
-                        results[i] = worker.died()
                         del running[worker]
+                        results[i] = self._discard(worker)
                 if not running:
                     continue
                 wait = max(0.0, min(deadline for _, deadline in running.values()) - time.monotonic())
@@ -159,30 +157,62 @@ class RewardPool:
                         continue  # part of a message so far
                     del running[worker]
                     if reply is _DIED:
-                        results[i] = worker.died()
-                    elif reply[0] == "error":
-                        self._idle.append(worker)
+                        results[i] = self._discard(worker)
+                        continue
+                    self._release(worker)
+                    if reply[0] == "error":
                         raise reply[1]
-                    else:
-                        results[i] = reply[1]
-                        self._idle.append(worker)
+                    results[i] = reply[1]
                 now = time.monotonic()
                 for worker, (i, deadline) in list(running.items()):
                     if now >= deadline:
-                        worker.kill()
                         del running[worker]
+                        self._discard(worker)
                         results[i] = f"grader: time limit: scoring took more than {self.timeout:g} s"
         except BaseException:
             for worker in running:  # they hold tasks of this call: their answers must not reach the next
-                worker.kill()
+                self._discard(worker)
             raise
         return results
 
+    def _acquire(self, wait: bool) -> _Worker | None:
+        """An idle worker, a new one while fewer than `workers` live, or (without `wait`) None."""
+        with self._changed:
+            while not self._idle and self._live >= self.workers:
+                if not wait:
+                    return None
+                self._changed.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._live += 1
+        try:
+            return _Worker(self._lifeline[0])
+        except BaseException:
+            with self._changed:
+                self._live -= 1
+                self._changed.notify()
+            raise
+
+    def _release(self, worker: _Worker) -> None:
+        with self._changed:
+            self._idle.append(worker)
+            self._changed.notify()
+
+    def _discard(self, worker: _Worker) -> str:
+        """Kills a worker (past its time, or dead); returns why it ended."""
+        why = worker.died()
+        with self._changed:
+            self._live -= 1
+            self._changed.notify()
+        return why
+
     def close(self) -> None:
         """Ends the workers (they exit when their input closes; stragglers are killed)."""
-        for worker in self._idle:
+        with self._changed:
+            idle, self._idle = self._idle, []
+            self._live -= len(idle)
+        for worker in idle:
             worker.stop()
-        self._idle = []
         if self._lifeline is not None:
             for fd in self._lifeline:
                 os.close(fd)

@@ -618,6 +618,32 @@ def test_a_completion_past_the_pools_time_limit_gets_zero_and_the_pool_goes_on()
     assert wait_until_gone(descendants(os.getpid())) == set()
 
 
+def test_threads_sharing_a_pool_get_their_own_rewards_from_at_most_its_workers():
+    # Asynchronous GRPO's verifier threads call one pool at once: each must get the rewards of its
+    # own completions, and the pool must not start more than `workers` processes in all.
+    import threading
+
+    start = threading.Barrier(3)
+    failures = []
+
+    def verifier(t: int, pool: RewardPool) -> None:
+        ids = [[7] * k + [1] * (t + 1) for k in range(6)]
+        start.wait()
+        for _ in range(3):
+            got = pool(["p"] * 6, ["c"] * 6, completion_ids=ids).rewards
+            if got != [k / (k + t + 1) for k in range(6)]:
+                failures.append((t, got))
+
+    with RewardPool("token_frequency", {"token": 7}, workers=2) as pool:
+        threads = [threading.Thread(target=verifier, args=(t, pool)) for t in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(BOUND)
+        assert failures == [] and not any(thread.is_alive() for thread in threads)
+        assert len(pool._idle) == 2 and len(descendants(os.getpid())) == 2
+
+
 POOL_PARENT = textwrap.dedent("""
     import json, os
     from magistral_jax.rl.rewards import RewardPool
