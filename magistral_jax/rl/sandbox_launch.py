@@ -62,9 +62,12 @@ def check(result: int, what: str) -> None:
         raise SetupError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def mount(source, target: str, fstype, flags: int, data=None) -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+def _c(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    check(libc.mount(_c(source), _c(target), _c(fstype), flags, _c(data)), f"mount {target}")
 
 
 def bind_readonly(source: str, target: str) -> None:
@@ -99,9 +102,8 @@ def build_root(cfg: dict) -> bool:
     # The new root's tmpfs goes on /tmp: every system has it, and nothing bound lives there.
     new = "/tmp"
     mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
-    for top in cfg["tops"]:
-        if os.path.islink(top):
-            os.symlink(os.readlink(top), new + top)
+    for top in cfg["tops"]:  # /bin -> usr/bin and the like
+        os.symlink(os.readlink(top), new + top)
     for path in cfg["binds"]:
         make_point(new + path, path)
         bind_readonly(path, new + path)
@@ -112,9 +114,8 @@ def build_root(cfg: dict) -> bool:
     for name in DEVICES:
         make_point(f"{new}/dev/{name}", f"/dev/{name}")
         mount(f"/dev/{name}", f"{new}/dev/{name}", None, MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1")):
-        os.symlink(target, f"{new}/dev/{name}")
-    os.symlink("/proc/self/fd/2", f"{new}/dev/stderr")
+    for name, target in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
+        os.symlink("/proc/self/fd" + target, f"{new}/dev/{name}")
     for path in ("/dev/shm", "/tmp", "/run/lock", "/proc", BOX):
         os.makedirs(new + path, exist_ok=True)
     mount("tmpfs", new + BOX, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['box_bytes']},nr_inodes=1024,mode=755")
@@ -209,8 +210,8 @@ def test_init(req: dict, fds: list[int], out: int, state: dict) -> None:
         if status is not None:
             result["code"] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             result["signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        failure = os.read(errors_r, 1000)
-        if failure:
+        # Written only when the exec failed; closed by a successful one (unless it is still under way).
+        if select.select([errors_r], [], [], 0)[0] and (failure := os.read(errors_r, 1000)):
             result["error"] = failure.decode(errors="replace")
         if not state["confined"]:
             try:
