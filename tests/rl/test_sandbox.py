@@ -27,7 +27,11 @@ from magistral_jax.rl.magistral_rewards import code_correct, magistral
 from magistral_jax.rl.rewards import RewardPool
 from magistral_jax.rl.sandbox import Limits, Sandbox, sandbox_mode
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root (and as `nobody` through setpriv)")
+# As root the sandbox's uid is one of its own, so "nothing left" can be checked by uid; the
+# unprivileged mode is tested from root too, as `nobody`.
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="run as root: leftovers are found by the sandbox's uid; `nobody` is run via setpriv"
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(magistral_jax.__file__)))
 BUNDLED_CODE = os.path.join(os.path.dirname(magistral_jax.__file__), "data", "bundled", "python_tasks.jsonl")
