@@ -7,6 +7,7 @@ from helpers import run_cli
 from test_evaluation import PROBLEMS, SAMPLES
 
 from magistral_jax.cli import evaluate, main
+from magistral_jax.data.problems import ProblemSet
 
 PROBLEMS_ROWS = [
     {"id": "m1", "problem": "Tom has 3 apples and gets 4 more. How many apples does Tom have now?", "answer": "7"},
@@ -78,7 +79,9 @@ def test_score_refuses_bad_completion_files(tmp_path):
 
 @pytest.fixture
 def fake_sampling(monkeypatch):
-    monkeypatch.setattr(evaluate, "_sample", lambda args: (PROBLEMS, SAMPLES))
+    monkeypatch.setattr(evaluate, "_problems", lambda args, path, benchmark: ProblemSet(list(PROBLEMS)))
+    monkeypatch.setattr(evaluate, "_open", lambda args: None)
+    monkeypatch.setattr(evaluate, "_sample", lambda args, opened, s: SAMPLES)
 
 
 def test_filter_keeps_the_band(tmp_path, fake_sampling, capsys):
