@@ -25,7 +25,6 @@ CFG = mj.get_preset("tiny").replace(
 )
 
 
-
 def _params(seed: int, shardings=None):
     """Random parameters made on the host (a jitted random init costs seconds of compilation)."""
     rng = np.random.default_rng(seed)

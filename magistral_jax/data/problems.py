@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -95,6 +96,18 @@ def _optional(row: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     return value
 
 
+_LEVEL = re.compile(r"(?:^|\s)(-?\d+)\s*$")
+
+
+def _level(value: Any) -> int | None:
+    """An integer level, also from text ending in one (MATH writes `Level 3`); None when the
+    column holds none (MATH's `Level ?`): the level is optional."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _LEVEL.search(value) if isinstance(value, str) else None
+    return int(match.group(1)) if match else None
+
+
 def _row_to_problem(row: Any, where: str, answer_format: str = "raw") -> Problem:
     if not isinstance(row, dict):
         raise RowError("a JSON object is expected")
@@ -137,7 +150,7 @@ def _row_to_problem(row: Any, where: str, answer_format: str = "raw") -> Problem
         answer=answer,
         tests=tests or None,
         language=_optional(row, "language", str),
-        level=_optional(row, "level", int),
+        level=_level(row.get("level")),
         trace=_optional(row, "trace", str),
         fn_name=fn_name if tests else None,
     )
@@ -185,6 +198,14 @@ def jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
 Record = tuple[str, "dict[str, Any] | RowError"]
 
 
+def _encodable(row: Any) -> bool:
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _jsonl_records(path: str) -> Iterator[Record]:
     name = os.path.basename(path)
     for number, line in jsonl_lines(path):
@@ -195,7 +216,11 @@ def _jsonl_records(path: str) -> Iterator[Record]:
         except RecursionError:
             yield f"{name} line {number}", RowError("JSON nested too deeply")
         else:
-            yield f"{name} line {number}", row
+            # `\ud800`-style escapes decode to lone surrogates: text that no UTF-8 file can hold.
+            if "\\ud" in line.lower() and not _encodable(row):
+                yield f"{name} line {number}", RowError("a string escapes a lone surrogate (not Unicode text)")
+            else:
+                yield f"{name} line {number}", row
 
 
 def _parquet_records(path: str) -> Iterator[Record]:
