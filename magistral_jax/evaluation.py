@@ -208,7 +208,7 @@ def _summary(problems: Sequence[Problem], samples: Sequence[Sample], k: int) -> 
     return {
         "problems": len(by_problem),
         "pass@1": float(np.mean(rates)),
-        f"maj@{k}": float(np.mean(maj)) if maj else float("nan"),
+        f"maj@{k}": float(np.mean(maj)) if maj else None,  # None: no answer to vote on (code)
         "format": float(np.mean([s.components.get("format", 0.0) > 0 for s in samples])),
         "language": float(np.mean([s.components.get("language", 0.0) > 0 for s in samples])),
         "reward": float(np.mean([s.reward for s in samples])),
@@ -251,7 +251,7 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.5))
     ax.bar(x - 0.2, [p for p, _ in rows], 0.4, label="pass@1")
-    ax.bar(x + 0.2, [np.nan_to_num(m) for _, m in rows], 0.4, label="maj@k")
+    ax.bar(x + 0.2, [m or 0.0 for _, m in rows], 0.4, label="maj@k")
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

@@ -202,8 +202,9 @@ def _language_table(report: dict[str, Any], k: int) -> list[str]:
     heads = ("problems", "pass@1", f"maj@{k}", "format", "language", "length", "thinking")
     lines = [f"{'':<10}" + "".join(f"{h:>9}" for h in heads)]
     for name, r in [*report["per_language"].items(), ("all", report)]:
+        maj = "-" if r[f"maj@{k}"] is None else f"{r[f'maj@{k}']:.1%}"
         lines.append(
-            f"{name:<10}{r['problems']:>9}{r['pass@1']:>9.1%}{r[f'maj@{k}']:>9.1%}{r['format']:>9.1%}"
+            f"{name:<10}{r['problems']:>9}{r['pass@1']:>9.1%}{maj:>9}{r['format']:>9.1%}"
             f"{r['language']:>9.1%}{r['length']:>9.1f}{r['thinking_length']:>9.1f}"
         )
     return lines
@@ -212,15 +213,13 @@ def _language_table(report: dict[str, Any], k: int) -> list[str]:
 def paper_table(report: dict[str, Any]) -> str:
     """The benchmarks' pass@1 and maj@k in percent, one column each, as the paper's table lays them
     out (maj@k only where answers can be voted on), then each benchmark's details."""
-    import math
-
     from magistral_jax.data.benchmarks import BENCHMARKS
 
     headers, values = [], []
     for name, r in report["benchmarks"].items():
         title = BENCHMARKS[name].title
         for metric in ("pass@1", f"maj@{r['k']}"):
-            if not math.isnan(r[metric]):
+            if r[metric] is not None:
                 headers.append(f"{title} {metric}")
                 values.append(f"{100 * r[metric]:.2f}")
     label = os.path.basename(os.path.normpath(report["checkpoint"])) or report["checkpoint"]
@@ -262,7 +261,7 @@ def run_eval(args: argparse.Namespace) -> int:
                     row = {"benchmark": s.benchmark, **row}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, allow_nan=False)
     plot = plot_report(report, os.path.join(args.out, "report.png"))
     print(paper_table(report) if args.benchmark else "\n".join(_language_table(report, report["k"])))
     print(f"eval: wrote {os.path.join(args.out, 'report.json')}, {plot} and the samples")
