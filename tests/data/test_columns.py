@@ -69,10 +69,14 @@ def test_gsm8k_math_and_deepscaler_columns_map_without_code(tmp_path):
 
 
 def test_candidate_columns_and_a_mapping_that_names_no_field(tmp_path):
-    rows = [{"Problem": "1+1?", "Answer": 2}, {"question": "2+2?", "answer": 4.0}]
+    rows = [
+        {"Problem": "1+1?", "Answer": 2},
+        {"question": "2+2?", "answer": 4.0},
+        {"question": "no", "problem": "3?", "answer": "3"},
+    ]
     fields = {"problem": ["problem", "Problem", "question"], "answer": ["answer", "Answer"]}
     problems = read_problems(jsonl(tmp_path / "p.jsonl", rows), fields=fields).problems
-    assert [(p.problem, p.answer) for p in problems] == [("1+1?", "2"), ("2+2?", "4.0")]
+    assert [(p.problem, p.answer) for p in problems] == [("1+1?", "2"), ("2+2?", "4.0"), ("3?", "3")]
     with pytest.raises(ValueError, match="'question' is not a problem field"):
         read_problems(tmp_path / "p.jsonl", fields={"question": "problem"})
 
