@@ -9,10 +9,13 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magistral_jax.cli.generate import add_checkpoint_options, open_for_sampling
 from magistral_jax.cli.score import add_data_options, read_data
+
+if TYPE_CHECKING:
+    from magistral_jax.data.problems import Problem
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -99,7 +102,7 @@ class EvalSet:
     name: str
     data: str
     benchmark: str | None
-    problems: list
+    problems: list[Problem]
     k: int
     max_new_tokens: int
     reward: dict[str, Any]

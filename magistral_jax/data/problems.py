@@ -283,7 +283,7 @@ def read_problems(
         schema); raises `columns.RowError` for a malformed row.
     """
     path = resolve(path)
-    fields = check_fields(fields, FIELDS, "data.fields")
+    fields = check_fields(fields, FIELDS, "fields")
     if answer_format not in ANSWER_FORMATS:
         raise DataError(f"answer_format: {answer_format!r}; expected {', '.join(ANSWER_FORMATS)}")
     if not os.path.isfile(path):
