@@ -55,6 +55,12 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
+    """The reward registered as `name`, or the function that `name` = `package.module:function`
+    names, imported here: worker processes resolve the name themselves, so they import it too."""
+    from magistral_jax.plugins import is_import_path, load_object
+
+    if is_import_path(name):
+        return load_object(name, "reward.name")
     if name not in REWARDS:
         import magistral_jax.rl.magistral_rewards  # noqa: F401  (registers `magistral`)
     try:
