@@ -73,26 +73,14 @@ def _plugin_source(name: str, spec: dict[str, Any], seed: int, tokenizer):
     return source
 
 
-def make_source(spec: dict[str, Any], seed: int, tokenizer=None):
-    """A source from a config section `{name: ..., **arguments}`."""
+def problem_section(name: str, spec: dict[str, Any], tokenizer) -> tuple[list[Problem], str | None]:
+    """The problems a `problems` / `traces` data section selects (its file read with its `fields`,
+    `answer_format` and `strict`, then its `levels` and `languages` filters; skipped rows reported)
+    and the system prompt it names."""
     import jax
 
-    from magistral_jax.plugins import is_import_path
-
     spec = dict(spec)
-    name = spec.pop("name", None)
-    if name in SOURCES:
-        try:
-            return SOURCES[name](seed=seed, **spec)
-        except TypeError as e:
-            raise ValueError(f"data ({name}): {e}") from None
-    if is_import_path(name):
-        return _plugin_source(name, spec, seed, tokenizer)
-    if name not in ("problems", "traces"):
-        raise ValueError(
-            f"data.name: {name!r} is not a data source; known: {', '.join([*SOURCES, 'problems', 'traces'])} "
-            "or package.module:factory"
-        )
+    spec.pop("name", None)
     if tokenizer is None:
         raise ValueError(f"data ({name}): needs a tokenizer (set `tokenizer:` in the run config)")
     path = spec.pop("path", None)
@@ -125,6 +113,28 @@ def make_source(spec: dict[str, Any], seed: int, tokenizer=None):
         problems = [p for p in problems if p.trace]
     if not problems:
         raise DataError(f"data ({name}): no problems in {path} pass the filters")
+    return problems, system
+
+
+def make_source(spec: dict[str, Any], seed: int, tokenizer=None):
+    """A source from a config section `{name: ..., **arguments}`."""
+    from magistral_jax.plugins import is_import_path
+
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name in SOURCES:
+        try:
+            return SOURCES[name](seed=seed, **spec)
+        except TypeError as e:
+            raise ValueError(f"data ({name}): {e}") from None
+    if is_import_path(name):
+        return _plugin_source(name, spec, seed, tokenizer)
+    if name not in ("problems", "traces"):
+        raise ValueError(
+            f"data.name: {name!r} is not a data source; known: {', '.join([*SOURCES, 'problems', 'traces'])} "
+            "or package.module:factory"
+        )
+    problems, system = problem_section(name, spec, tokenizer)
 
     def encode(p: Problem) -> Example:
         prompt = tokenizer.encode_chat(p.problem, system)

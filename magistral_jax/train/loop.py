@@ -104,24 +104,11 @@ class Evaluator:
     problems of a held-out set, scored by the Magistral reward in this process."""
 
     def __init__(self, ecfg: EvalConfig, tokenizer, seed: int):
-        from magistral_jax.data.problems import read_problems
-        from magistral_jax.data.sources import system_prompt
+        from magistral_jax.data.sources import problem_section
         from magistral_jax.sampling import SamplingParams
 
-        spec = dict(ecfg.data)
-        path = spec.pop("path")
-        levels, languages = spec.pop("levels", None), spec.pop("languages", None)
-        self.system_prompt = system_prompt(spec.pop("system_prompt", "default"), tokenizer)
-        if spec:
-            raise ConfigError(f"eval.data: unknown keys {sorted(spec)}")
-        problems = [
-            p
-            for p in read_problems(path).problems
-            if (levels is None or p.level in levels) and (languages is None or p.language in languages)
-        ][: ecfg.problems]
-        if not problems:
-            raise ConfigError(f"eval.data: no problems in {path} pass the filters")
-        self.cfg, self.tokenizer, self.problems, self.seed = ecfg, tokenizer, problems, seed
+        problems, self.system_prompt = problem_section("eval.data", ecfg.data, tokenizer)
+        self.cfg, self.tokenizer, self.problems, self.seed = ecfg, tokenizer, problems[: ecfg.problems], seed
         self.sampling = SamplingParams(temperature=ecfg.temperature, top_p=ecfg.top_p)
 
     def __call__(self, model) -> dict[str, float]:

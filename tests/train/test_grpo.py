@@ -224,3 +224,29 @@ def test_a_kl_coefficient_needs_an_objective_with_a_kl_term():
     with pytest.raises(ConfigError, match="the grpo objective has a KL term"):
         _cfg("grpo.loss=grpo")
     assert _cfg("grpo.loss=grpo", "grpo.kl_coef=0.04").grpo.kl_coef == 0.04
+
+
+def test_a_run_whose_system_prompt_contradicts_the_graded_format_is_refused(tmp_path):
+    # The 2506 card's chat prompt forbids \boxed{}: a math run in the <think> style trained on it would
+    # score every obedient answer 0. Refused before anything is built or written.
+    from magistral_jax.config import ConfigError
+    from magistral_jax.tokenizer import SYSTEM_PROMPTS, write_standin_tekken
+    from magistral_jax.train.loop import run
+
+    (tmp_path / "prompt.txt").write_text(SYSTEM_PROMPTS["magistral-small-2506"])
+    cfg = load_run_config(
+        None,
+        [
+            "kind=grpo",
+            f"run_dir={tmp_path / 'run'}",
+            f"tokenizer={write_standin_tekken(tmp_path / 'tekken.json', vocab_size=2048)}",
+            "data.name=problems",
+            "data.path=bundled:math_multilingual",
+            f"data.system_prompt={tmp_path / 'prompt.txt'}",
+            "reward.name=magistral",
+            "reward.style=think_tags",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"data\.system_prompt: the system prompt forbids \\boxed"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
