@@ -134,6 +134,7 @@ def load_model(
     *,
     layout: str | None = None,
     progress: bool = False,
+    check_finite: bool = False,
 ) -> Model:
     """Loads a checkpoint directory of any supported format.
 
@@ -143,15 +144,18 @@ def load_model(
     present, are loaded too (under `params["vision"]` and `params["projector"]`).
 
     Args:
-      path: the checkpoint directory.
+      path: the checkpoint directory (relative or absolute).
       mesh: where to place the parameters (sharded by the config's rules); default device if None.
       dtype: parameter and compute dtype (`bfloat16`, `float32`, ...); None keeps the
         checkpoint's own dtype for the parameters and computes in bfloat16.
       layout: force the format or layout (`orbax`, `mistral`, `hf-legacy`, `hf-new`, `hf-text`).
       progress: show a progress bar.
+      check_finite: refuse parameters holding NaN or Inf (a `CheckpointError` naming the tensor),
+        as training from a checkpoint does; off by default, where a damaged checkpoint shows
+        itself in the logits.
     """
     from magistral_jax.checkpoint.reader import load_params, open_checkpoint
 
     ckpt = open_checkpoint(path, layout)
     cfg = _with_dtype(ckpt.cfg, dtype)
-    return Model(cfg, load_params(ckpt, cfg, mesh, progress=progress), mesh)
+    return Model(cfg, load_params(ckpt, cfg, mesh, progress=progress, check_finite=check_finite), mesh)

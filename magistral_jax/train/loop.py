@@ -72,7 +72,7 @@ def build_model(cfg: RunConfig, mesh):
         if is_run_dir(cfg.init_from):
             model = load_run_model(cfg.init_from)
         else:
-            model = load_model(cfg.init_from, mesh=mesh, dtype=None)
+            model = load_model(cfg.init_from, mesh=mesh, dtype=None, check_finite=True)
         model.cfg = model.cfg.replace(**_overrides(cfg))
         if model.cfg.param_dtype != cfg.param_dtype:
             model.params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), model.params)
