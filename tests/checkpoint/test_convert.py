@@ -412,3 +412,16 @@ def test_nan_and_inf_weights_convert_with_a_warning_naming_the_tensors(tmp_path,
         assert "model.norm.weight (3 values)" in str(warning.message)
     back = load_file(tmp_path / "mistral" / "consolidated.safetensors")["norm.weight"]
     assert np.isnan(back[0]) and back[1] == np.inf and back[2] == -np.inf  # copied as they are
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_nonfinite_values_are_counted_in_every_float_type(dtype):
+    from magistral_jax.checkpoint.convert import count_nonfinite
+
+    dtype = np.dtype(dtype)
+    block = np.linspace(-3, 3, 60).astype(dtype).reshape(6, 10)
+    assert count_nonfinite(block) == 0
+    # The largest finite values (whose sum overflows) and a zero-size block are finite.
+    assert count_nonfinite(np.full(9, np.finfo(dtype).max, dtype)) == 0 and count_nonfinite(block[:0]) == 0
+    block[0, 1], block[2, 2], block[5, 9] = np.nan, np.inf, -np.inf
+    assert count_nonfinite(block) == 3
