@@ -136,6 +136,7 @@ def load_model(
     layout: str | None = None,
     progress: bool = False,
     step: str | int = "best",
+    check_finite: bool = False,
 ) -> Model:
     """Loads a checkpoint directory of any supported format.
 
@@ -146,7 +147,7 @@ def load_model(
     loaded too (under `params["vision"]` and `params["projector"]`).
 
     Args:
-      path: the checkpoint or run directory.
+      path: the checkpoint or run directory (relative or absolute).
       mesh: where to place the parameters (sharded by the config's rules); default device if None.
       dtype: parameter and compute dtype (`bfloat16`, `float32`, ...); None keeps the
         checkpoint's own dtype for the parameters and computes in bfloat16.
@@ -154,6 +155,9 @@ def load_model(
       progress: show a progress bar.
       step: a run directory's checkpoint: `best` (its best evaluated one, else its latest), `latest`
         or a step number.
+      check_finite: refuse parameters holding NaN or Inf (a `CheckpointError` naming the tensor),
+        as training from a checkpoint does; off by default, where a damaged checkpoint shows
+        itself in the logits.
     """
     from magistral_jax.checkpoint.reader import load_params, open_checkpoint
     from magistral_jax.checkpoint.runs import is_run_dir, load_run_params, run_model_config
@@ -167,4 +171,4 @@ def load_model(
         return Model(cfg, params, mesh)
     ckpt = open_checkpoint(path, layout)
     cfg = with_dtype(ckpt.cfg, dtype)
-    return Model(cfg, load_params(ckpt, cfg, mesh, progress=progress), mesh)
+    return Model(cfg, load_params(ckpt, cfg, mesh, progress=progress, check_finite=check_finite), mesh)

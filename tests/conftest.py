@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices (before JAX creates its backend) and offline Hugging Face."""
+"""Test set-up: 8 simulated CPU devices (before JAX creates its backend), offline Hugging Face, no
+persistent compilation cache."""
 
 import os
 
@@ -6,6 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No persistent compilation cache, in this process or in the commands the tests start: the suite
+# must not write into the user's cache, and no test may pass or fail because of programs an
+# earlier run (or another checkout's code) left there. The cache's own test gives it a tmp dir.
+os.environ["MAGISTRAL_COMPILATION_CACHE"] = "off"
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 

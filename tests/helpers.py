@@ -1,6 +1,8 @@
 """Helpers shared by the command-line tests."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,3 +17,20 @@ def run_cli(*args, timeout=300):
         timeout=timeout,
         env=env,
     )
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int):
+    """Fails the test (TimeoutError) when the block takes longer than `seconds`: a blocking `open`
+    of a FIFO is interrupted instead of hanging the suite."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -124,3 +124,53 @@ def test_images(vision_checkpoint, tekken_checkpoint, tmp_path):
     assert out.returncode == 1 and "broken.png: not a readable image" in out.stderr
     out = _generate("--checkpoint", str(tekken_checkpoint), "--image", str(image), *args)
     assert out.returncode == 1 and "has no vision encoder" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", str(2**64)], f"--seed: an integer from 0 to {2**32 - 1} is expected, got {2**64}"),
+        (["--seed", str(2**32)], f"--seed: an integer from 0 to {2**32 - 1} is expected"),
+        (["--seed", "-1"], "--seed: an integer from 0 to"),
+        (["--temperature", "inf"], "--temperature: a finite number >= 0 is expected, got inf"),
+        (["--temperature", "nan"], "--temperature: a finite number >= 0 is expected, got nan"),
+        (["--temperature", "-0.5"], "--temperature: a finite number >= 0 is expected, got -0.5"),
+        (["--top-p", "nan"], "--top-p: a finite number >= 0 is expected, got nan"),
+    ],
+)
+def test_sampling_options_are_checked_before_loading(tmp_path, capsys, args, message):
+    # The checkpoint does not exist: the options are refused before anything is read.
+    from magistral_jax.cli import main
+
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x", *args]) == 1
+    err = capsys.readouterr().err
+    assert err == f"magistral-jax generate: error: {message}\n" or message in err, err
+
+
+class _Digits:
+    """A tokenizer stand-in (the Tekken one takes seconds to load): token k is the text `<k>`."""
+
+    def decode(self, ids, keep_special=False):
+        return "".join(f"<{i}>" for i in ids)
+
+    def split(self, ids):
+        from magistral_jax.tokenizer import Reasoning
+
+        return Reasoning(thinking=None, answer=self.decode(ids), closed=True)
+
+
+def test_json_records_are_strict_json_when_logprobs_are_not_finite():
+    # NaN or Inf weights give NaN logprobs; `json.dumps` would print NaN, which strict parsers refuse.
+    from magistral_jax.cli.generate import json_record
+    from magistral_jax.sampling.sampler import SampleOutput
+
+    logprobs = np.array([[np.nan, -np.inf, -0.25, np.inf, 0.0]], np.float32)
+    tokens = np.array([[1044, 1045, 1046, 1047, 0]], np.int32)
+    out = SampleOutput(tokens, logprobs, logprobs, np.array([4]), ["length"])
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    record = json.loads(json_record(_Digits(), out, 0), parse_constant=refuse)
+    assert record["logprobs"] == [None, None, -0.25, None] and record["tokens"] == [1044, 1045, 1046, 1047]
+    assert record["answer"] == "<1044><1045><1046><1047>" and record["finish_reason"] == "length"

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 
 import pytest
+from helpers import no_hang
 
 import magistral_jax as mj
 from magistral_jax.config import ConfigError, apply_overrides
@@ -165,7 +167,7 @@ def test_decoder_level_tied_embeddings_are_refused():
         (lambda t: t.update(num_key_value_heads=3), r"text.n_kv_heads: 3 must divide text.n_heads \(32\)"),
         (lambda t: t.update(sliding_window=4096), "text_config.sliding_window: 4096 is not supported"),
         (lambda t: t.update(hidden_act="gelu"), "text_config.hidden_act"),
-        (lambda t: t.update(hidden_size=0), "text.dim: a positive integer is expected"),
+        (lambda t: t.update(hidden_size=0), "text_config.hidden_size: a positive integer is expected"),
         (lambda t: t.pop("rope_theta"), "text_config.rope_theta: required field is missing"),
         (lambda t: t.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type: 'yarn'"),
     ],
@@ -221,7 +223,7 @@ def test_replace_with_nested_fields_and_validation():
     assert cfg.text.n_layers == 2 and cfg.remat == "save_qkv" and cfg.dtype == "float32"
     with pytest.raises(ConfigError, match="remat: 'some'"):
         cfg.replace(remat="some")
-    with pytest.raises(ConfigError, match=r"text\.n_layer: unknown config field"):
+    with pytest.raises(ConfigError, match=r"text\.n_layer: unknown key"):
         cfg.replace(**{"text.n_layer": 3})
     with pytest.raises(ConfigError, match="vision: this config has no vision part"):
         mj.get_preset("magistral-small-2507").replace(**{"vision.n_layers": 3})
@@ -250,7 +252,7 @@ def test_shipped_yaml_configs():
 def test_yaml_config_errors_name_file_and_field(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: tiny\ntext:\n  n_layer: 3\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml: text\.n_layer: unknown config field"):
+    with pytest.raises(ConfigError, match=r"run\.yaml: text\.n_layer: unknown key"):
         mj.read_config(path)
     path.write_text("remat: full\n")
     with pytest.raises(ConfigError, match="preset: required field is missing"):
@@ -264,3 +266,208 @@ def test_command_line_overrides():
         apply_overrides(cfg, ["remat"])
     with pytest.raises(ConfigError, match=r"text\.n_layers: a positive integer is expected"):
         apply_overrides(cfg, ["text.n_layers=0"])
+
+
+# --- typed overrides and YAML values (one parser for run and model configs) ----------------------
+
+GRPO_TINY = os.path.join(CONFIGS, "grpo-tiny.yaml")
+
+
+def test_run_config_overrides_take_their_fields_types():
+    from magistral_jax.train.config import load_run_config
+
+    cfg = load_run_config(
+        GRPO_TINY,
+        [
+            "optimizer.lr=1e-3",
+            "grpo.eps_low=0.15",
+            "async_rl.slots=12",
+            "async_rl.enabled=false",
+            "model_overrides.text.n_layers=3",
+            "model_overrides.text.norm_eps=2e-6",
+            "model_overrides.remat=full",
+            "data.path=problems.jsonl",
+            "data.budget=[8, 32]",
+            "reward.l_max=1e4",
+            "tokenizer=null",
+            "run_dir=2024",
+        ],
+    )
+    assert cfg.optimizer.lr == 0.001 and type(cfg.optimizer.lr) is float
+    assert cfg.grpo.eps_low == 0.15 and cfg.async_rl.slots == 12 and cfg.async_rl.enabled is False
+    assert cfg.model_overrides == {"text": {"n_layers": 3, "norm_eps": 2e-6}, "remat": "full"}
+    # Free-form sections keep what the YAML and the command line say, numbers as numbers.
+    assert cfg.data["path"] == "problems.jsonl" and cfg.data["budget"] == [8, 32] and cfg.data["low"] == 3
+    assert cfg.reward == {"name": "token_frequency", "token": 7, "l_max": 10000.0}
+    assert cfg.tokenizer is None and cfg.run_dir == "2024"
+    model = mj.get_preset("tiny").replace(**mj.config.flatten_model_fields(cfg.model_overrides))
+    assert (model.text.n_layers, model.text.norm_eps) == (3, 2e-6)
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-3` as a string; every other YAML reader and every user, a float.
+    from magistral_jax.train.config import load_run_config
+
+    run = tmp_path / "run.yaml"
+    run.write_text("kind: sft\noptimizer: {lr: 1e-3, eps: 1E-8}\ngrpo: {eps_high: .3}\nsteps: 1e3\n")
+    cfg = load_run_config(str(run))
+    assert (cfg.optimizer.lr, cfg.optimizer.eps, cfg.grpo.eps_high, cfg.steps) == (1e-3, 1e-8, 0.3, 1000)
+    model = tmp_path / "model.yaml"
+    model.write_text("preset: tiny\ntext: {norm_eps: 1e-6, rope_theta: 1e6}\n")
+    assert (mj.read_config(model).text.norm_eps, mj.read_config(model).text.rope_theta) == (1e-6, 1e6)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("grpo.group_size=abc", r"grpo\.group_size: an integer is expected, got 'abc'"),
+        ("grpo.eps_low=abc", r"grpo\.eps_low: a finite number is expected, got 'abc'"),
+        ("sft.batch_size=abc", r"sft\.batch_size: an integer is expected, got 'abc'"),
+        ("sft.batch_size=0", r"sft\.batch_size: a positive integer is expected, got 0"),
+        ("steps=true", r"steps: an integer is expected, got 'true'"),
+        ("steps=2.5", r"steps: an integer is expected, got '2\.5'"),
+        ("optimizer.lr=nan", r"optimizer\.lr: a finite number is expected, got 'nan'"),
+        ("grpo.temperature=inf", r"grpo\.temperature: a finite number is expected, got 'inf'"),
+        ("async_rl.enabled=maybe", r"async_rl\.enabled: true or false is expected, got 'maybe'"),
+        ("model_overrides.text.n_layers=two", r"model_overrides\.text\.n_layers: an integer is expected"),
+        ("model_overrides.remat=most", r"model_overrides\.remat: one of none, full, save_matmuls, save_qkv"),
+        ("model_overrides.text.n_layer=2", r"model_overrides\.text\.n_layer: unknown key"),
+        ("grpo=4", r"grpo: a mapping is expected, got '4'"),
+        ("steps.every=4", r"override 'steps\.every=4': steps is not a section"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_type(override, message):
+    from magistral_jax.train.config import load_run_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(GRPO_TINY, [override])
+
+
+def test_model_overrides_are_typed_the_same_way():
+    cfg = apply_overrides(
+        mj.get_preset("tiny"), ["text.rope_theta=1e6", "rules=[[vocab, tensor], [embed, [fsdp, data]]]"]
+    )
+    assert cfg.text.rope_theta == 1e6 and type(cfg.text.rope_theta) is float
+    assert cfg.rules == (("vocab", "tensor"), ("embed", ("fsdp", "data")))
+    with pytest.raises(ConfigError, match=r"text\.n_heads: an integer is expected, got 'four'"):
+        apply_overrides(cfg, ["text.n_heads=four"])
+    with pytest.raises(ConfigError, match="rules: logical axis 'vocab' appears twice"):
+        apply_overrides(cfg, ["rules=[[vocab, tensor], [vocab, fsdp]]"])
+
+
+def test_a_bad_override_fails_before_anything_is_built(monkeypatch, capsys):
+    # `train sft sft.batch_size=0` used to fail only after the model was built.
+    from magistral_jax.cli import main
+    from magistral_jax.train import loop
+
+    def build(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(loop, "run", build)
+    assert main(["train", "sft", "--config", os.path.join(CONFIGS, "sft-tiny.yaml"), "sft.batch_size=0"]) == 1
+    assert "sft.batch_size: a positive integer is expected, got 0" in capsys.readouterr().err
+
+
+def _readme_override_examples() -> list[tuple[str, list[str]]]:
+    """(where, overrides) of every override example of the README: the `KEY=VALUE` arguments of
+    its `magistral-jax train` commands and the strings given to `apply_overrides`."""
+    import re
+
+    readme = open(os.path.join(CONFIGS, os.pardir, "README.md")).read()
+    examples = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.splitlines():
+            words = line.split("#")[0].split()
+            if words[:2] == ["magistral-jax", "train"]:
+                examples.append(("run", [w for w in words if "=" in w and not w.startswith("-")]))
+    for call in re.findall(r"apply_overrides\(cfg, \[(.*?)\]\)", readme):
+        examples.append(("model", re.findall(r"\"([^\"]+)\"", call)))
+    return examples
+
+
+def _help_override_examples() -> list[str]:
+    """The `KEY=VALUE` examples in the `--help` texts (descriptions and options; a `--mesh` value
+    such as `data=1,fsdp=2` is a mesh, not an override)."""
+    import re
+
+    from magistral_jax.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
+    texts = []
+    for command in sub.choices.values():
+        texts.append(command.description or "")
+        texts += [a.help or "" for a in command._actions if "mesh" not in " ".join(a.option_strings)]
+    return [m for t in texts for m in re.findall(r"(?<![\w.=,-])[a-z_]+(?:\.[a-z_]+)*=[^\s,;)]+", t)]
+
+
+def test_every_documented_override_example_parses():
+    from magistral_jax.train.config import load_run_config
+
+    readme = _readme_override_examples()
+    assert {where for where, _ in readme} == {"run", "model"} and sum(len(o) for _, o in readme) >= 3
+    for where, overrides in readme:
+        if where == "run":
+            cfg = load_run_config(GRPO_TINY, overrides, kind="grpo")
+            if "optimizer.lr=1e-3" in overrides:
+                assert cfg.optimizer.lr == 1e-3
+        else:
+            apply_overrides(mj.get_preset("tiny"), overrides)
+    in_help = _help_override_examples()
+    assert {"optimizer.lr=1e-5", "grpo.group_size=16", "steps=20"} <= set(in_help), in_help
+    cfg = load_run_config(None, in_help, kind="grpo")
+    assert (cfg.optimizer.lr, cfg.grpo.group_size, cfg.steps) == (1e-5, 16, 20)
+
+
+# --- hostile checkpoint configs: one-line errors naming the file and the field --------------------
+
+
+@pytest.mark.parametrize(
+    ("fname", "edit", "message"),
+    [
+        ("config.json", lambda d: d["text_config"].update(num_attention_heads=0), "num_attention_heads: a positive"),
+        ("config.json", lambda d: d["text_config"].update(hidden_size="5120"), "hidden_size: an integer is expected"),
+        ("config.json", lambda d: d["text_config"].update(num_hidden_layers=[40]), "num_hidden_layers: an integer"),
+        ("config.json", lambda d: d["text_config"].update(vocab_size=True), "vocab_size: an integer is expected"),
+        ("config.json", lambda d: d["text_config"].update(rms_norm_eps=float("nan")), "rms_norm_eps: a finite"),
+        ("config.json", lambda d: d["text_config"].update(rope_theta=1e400), "rope_theta: a finite number"),
+        ("config.json", lambda d: d["text_config"].update(head_dim=2**40), r"text\.head_dim: \d+ is too large"),
+        ("config.json", lambda d: d["text_config"].update(rope_parameters=[1]), "rope_parameters: a mapping"),
+        ("config.json", lambda d: d.update(vision_config=[1, 2]), "vision_config: a mapping is expected"),
+        ("params.json", lambda d: d.update(n_heads=0), "n_heads: a positive integer is expected"),
+        ("params.json", lambda d: d.update(vision_encoder="yes"), "vision_encoder: a mapping is expected"),
+        ("params.json", lambda d: d["vision_encoder"].update(num_attention_heads=0), "num_attention_heads: a pos"),
+    ],
+)
+def test_hostile_checkpoint_configs_name_file_and_field(tmp_path, fname, edit, message):
+    d = json.loads(json.dumps(HF_4X_MISTRAL3 if fname == "config.json" else MISTRAL_PARAMS_2509))
+    edit(d)
+    path = tmp_path / fname
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: .*{message}"):
+        mj.read_config(path)
+
+
+def test_json_nested_too_deeply_or_not_utf8(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: not valid JSON"):
+        mj.read_config(path)
+    path.write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: not valid UTF-8"):
+        mj.read_config(path)
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("kind: sft\nsft: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    from magistral_jax.train.config import load_run_config
+
+    with pytest.raises(ConfigError, match=r"run\.yaml: not valid YAML"):
+        load_run_config(str(yaml_path))
+
+
+def test_a_fifo_in_place_of_a_config_is_refused_not_waited_on(tmp_path):
+    for fname in ("config.json", "run.yaml"):
+        path = tmp_path / fname
+        os.mkfifo(path)
+        with no_hang(5):
+            with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: not a regular file"):
+                mj.read_config(path)

@@ -12,27 +12,44 @@ time, in pieces:
   are the conversion mesh's shards, so a mesh restores only the chunks its devices overlap.
 
 A destination is written into a temporary directory beside it and renamed at the end: a failed
-conversion leaves nothing at the destination.
+conversion leaves nothing at the destination, and one killed outright leaves a directory named
+`.DST.partial-HOST-PID-XXXXXXXX`, which the next conversion into the same directory removes once
+that process is gone. Output directories and files are created with the process's umask. NaN or
+Inf values are copied as they are, with a `NonFiniteWarning` naming the tensors that hold them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from magistral_jax.checkpoint.layouts import LAYOUTS, CheckpointError, Index, Layout, TensorEntry, plan
+from magistral_jax.checkpoint.layouts import (
+    LAYOUTS,
+    CheckpointError,
+    Index,
+    Layout,
+    NonFiniteWarning,
+    TensorEntry,
+    plan,
+)
 from magistral_jax.checkpoint.reader import (
     ORBAX_PARAMS,
     PIECE_BYTES,
@@ -51,6 +68,7 @@ from magistral_jax.config import (
     ModelConfig,
     architecture_dict,
     canonical_dtype,
+    open_regular_file,
     to_hf_config,
     to_mistral_params,
 )
@@ -106,21 +124,140 @@ class ModelSource:
         return to_host(node[full])
 
 
+# A destination is written into `.NAME.partial-HOST-PID-XXXXXXXX` beside it: a conversion killed
+# outright (SIGKILL, a lost machine) leaves that directory, which the next conversion into the same
+# parent directory removes once its process is gone.
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<host>[A-Za-z0-9.-]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_partials(parent: str) -> list[str]:
+    """Removes the partial destinations in `parent` left by conversions of this host whose process
+    is gone (never one of a live process, nor another host's: its pids mean nothing here);
+    returns their paths."""
+    removed = []
+    host = _host()
+    for entry in sorted(os.listdir(parent)):
+        m = _PARTIAL.fullmatch(entry)
+        path = os.path.join(parent, entry)
+        if m is None or m["host"] != host or _alive(int(m["pid"])) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def check_destination(dst: str | os.PathLike[str]) -> str:
+    """`dst` as an absolute path, refused (`CheckpointError`) when it exists, is a dangling
+    symbolic link or a symbolic link loop, or lies below one: checked before any work."""
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.lexists(dst):
+        if os.path.islink(dst) and not os.path.exists(dst):
+            try:
+                os.stat(dst)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CheckpointError(f"{dst}: destination is a symbolic link loop") from None
+            raise CheckpointError(f"{dst}: destination is a dangling symbolic link (to {os.readlink(dst)})")
+        raise CheckpointError(f"{dst}: destination exists; remove it or choose another path")
+    parent = dst
+    while True:
+        parent = os.path.dirname(parent)
+        try:
+            os.stat(parent)
+            break
+        except FileNotFoundError:
+            if os.path.islink(parent):
+                raise CheckpointError(f"{dst}: {parent} is a dangling symbolic link") from None
+        except OSError as e:
+            raise CheckpointError(f"{dst}: {parent}: {e.strerror}") from None
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{dst}: {parent} is not a directory")
+    return dst
+
+
 @contextlib.contextmanager
 def staging(dst: str) -> Iterator[str]:
-    """A temporary directory beside `dst`, renamed to `dst` on success and removed on failure."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst):
-        raise CheckpointError(f"{dst}: destination exists; remove it or choose another path")
+    """A temporary directory beside `dst`, renamed to `dst` on success and removed on failure.
+
+    Created with the process's umask, as `os.makedirs` would create `dst` itself (a temporary
+    directory from `tempfile` would be private, 0700, and stay so after the rename)."""
+    dst = check_destination(dst)
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    for path in remove_stale_partials(parent):
+        print(f"removed {path}: a partial conversion of a process that no longer runs", file=sys.stderr)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
     try:
         yield tmp
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# 16-bit floats: their exponent bits, all set in a NaN or an Inf.
+_EXPONENT_BITS = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00}
+
+
+def count_nonfinite(block: np.ndarray) -> int:
+    """The number of NaN and Inf values in `block`, with a fast pass for the usual case of none
+    (a maximum over exponent bits for 16-bit floats, a sum for wider ones: 2-4x `np.isfinite`)."""
+    bits = _EXPONENT_BITS.get(block.dtype)
+    if bits is not None:
+        if np.max(block.view(np.uint16) & np.uint16(bits), initial=0) != bits:
+            return 0
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.sum(block)):  # a sum that overflows falls through to the count
+                return 0
+    return block.size - int(np.count_nonzero(np.isfinite(block)))
+
+
+class _FiniteCheck:
+    """Passes a source's blocks through, counting the NaN / Inf values of each tensor."""
+
+    def __init__(self, source, names: dict[Key, str]):
+        self.source, self.names = source, names
+        self.bad: dict[str, int] = {}
+
+    def read(self, key: Key, index: Index) -> np.ndarray:
+        block = self.source.read(key, index)
+        n = count_nonfinite(block)
+        if n:
+            name = self.names[key]
+            self.bad[name] = self.bad.get(name, 0) + n
+        return block
+
+    def warn(self, dst: str) -> None:
+        if not self.bad:
+            return
+        listed = ", ".join(f"{name} ({n} values)" for name, n in list(self.bad.items())[:5])
+        more = f" and {len(self.bad) - 5} more" if len(self.bad) > 5 else ""
+        warnings.warn(
+            NonFiniteWarning(f"{dst}: NaN or Inf in {len(self.bad)} tensors, copied as they are: {listed}{more}"),
+            stacklevel=3,
+        )
+
+
+def _copy_regular(src: str, dst: str) -> None:
+    # A side file that is a FIFO would block a plain copy forever.
+    with os.fdopen(open_regular_file(src, CheckpointError), "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
 
 
 def _row_pieces(entry: TensorEntry, itemsize: int) -> Iterator[tuple[int, int]]:
@@ -233,16 +370,18 @@ def write_checkpoint(
         raise CheckpointError(f"--to {to!r}: expected one of {', '.join(FORMATS)}")
     entries = plan(cfg, output_layout(cfg, "hf"))
     total = sum(math.prod(e.shape) for e in entries) * jnp.dtype(cfg.param_dtype).itemsize
+    checked = _FiniteCheck(source, {entry_key(e): e.name for e in entries})
     with staging(dst) as tmp:
         with _Progress(total, len(entries), f"writing {to}", progress) as bar:
             if to == "orbax":
-                _write_orbax(source, cfg, tmp, mesh, bar)
+                _write_orbax(checked, cfg, tmp, mesh, bar)
             else:
-                _write_safetensors(source, cfg, tmp, to, max_shard_bytes, bar)
+                _write_safetensors(checked, cfg, tmp, to, max_shard_bytes, bar)
         if side_files_from is not None:
             for fname in sorted(os.listdir(side_files_from)):
                 if fname in SIDE_FILES or fname.startswith(SIDE_PREFIXES):
-                    shutil.copy2(os.path.join(side_files_from, fname), os.path.join(tmp, fname))
+                    _copy_regular(os.path.join(side_files_from, fname), os.path.join(tmp, fname))
+    checked.warn(dst)
 
 
 def convert(
@@ -264,6 +403,7 @@ def convert(
       mesh: where orbax conversion assembles each tensor (its shards become the stored chunks).
       max_shard_bytes: size limit of each HF safetensors file.
     """
+    check_destination(dst)
     ckpt = open_checkpoint(src, from_layout)
     cfg = ckpt.cfg if dtype is None else ckpt.cfg.replace(param_dtype=canonical_dtype(dtype))
     write_checkpoint(

@@ -37,6 +37,10 @@ class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, malformed or inconsistent with the config."""
 
 
+class NonFiniteWarning(UserWarning):
+    """Tensors of a checkpoint hold NaN or Inf values (the message names them)."""
+
+
 class SliceReader(Protocol):
     """A published tensor that can be read in slices (a safetensors slice object)."""
 

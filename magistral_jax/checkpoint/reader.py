@@ -20,6 +20,7 @@ import functools
 import glob
 import math
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from magistral_jax.checkpoint.layouts import LAYOUTS, CheckpointError, Index, Layout, TensorEntry, detect_layout, plan
@@ -87,7 +88,8 @@ def _orbax_layout(cfg: ModelConfig) -> Layout:
 def open_checkpoint(path: str | os.PathLike[str], layout: str | None = None) -> Checkpoint:
     """Opens and validates a checkpoint directory; `layout` forces the format or layout
     (`orbax`, `mistral`, `hf-legacy`, `hf-new`, `hf-text`), otherwise it is detected."""
-    path = os.fspath(path)
+    # Orbax refuses relative paths ("Checkpoint path should be absolute").
+    path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     if layout is not None and layout != "orbax" and layout not in LAYOUTS:
@@ -127,7 +129,10 @@ def _open_hf(path: str, layout: str | None) -> Checkpoint:
         if not names:
             raise CheckpointError(f"{path}: config.json but no model*.safetensors files")
         files = TensorFiles(path, names)
-    found = LAYOUTS[layout] if layout else detect_layout(files.names())
+    try:
+        found = LAYOUTS[layout] if layout else detect_layout(files.names())
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if found.mistral:
         raise CheckpointError(f"{path}: the mistral layout needs params.json, not config.json")
     ckpt = Checkpoint(path, "hf", cfg, found, files)
@@ -157,8 +162,19 @@ def _open_mistral(path: str) -> Checkpoint:
 def _open_orbax(path: str) -> Checkpoint:
     d = _config(lambda: load_json(os.path.join(path, MAGISTRAL_CONFIG)), MAGISTRAL_CONFIG)
     cfg = _config(lambda: from_architecture_dict(d), MAGISTRAL_CONFIG)
-    if not os.path.isdir(os.path.join(path, ORBAX_PARAMS)):
+    params = os.path.join(path, ORBAX_PARAMS)
+    if not os.path.isdir(params):
         raise CheckpointError(f"{path}: {MAGISTRAL_CONFIG} but no Orbax checkpoint in {ORBAX_PARAMS}/")
+    # TensorStore would block forever on a FIFO among the data files.
+    for root, _, fnames in os.walk(params):
+        for fname in fnames:
+            fpath = os.path.join(root, fname)
+            try:
+                regular = stat.S_ISREG(os.stat(fpath).st_mode)
+            except OSError as e:
+                raise CheckpointError(f"{fpath}: {e.strerror}") from None
+            if not regular:
+                raise CheckpointError(f"{fpath}: not a regular file")
     return Checkpoint(path, "orbax", cfg, None, None)
 
 
@@ -166,7 +182,10 @@ def validate(ckpt: Checkpoint, dtype_source: str) -> None:
     """Every planned tensor present with its shape and dtype; no tensor left over."""
     files = ckpt.files
     assert files is not None and ckpt.layout is not None
-    entries = ckpt.entries()
+    try:
+        entries = ckpt.entries()
+    except CheckpointError as e:  # a config with vision over text-only tensors
+        raise CheckpointError(f"{ckpt.path}: {e}, but its config describes a vision encoder") from None
     expected_dtype = np.dtype(jnp.dtype(ckpt.cfg.param_dtype))
     for e in entries:
         if e.name not in files.file_of:
@@ -239,7 +258,15 @@ class OrbaxSource:
         tree: Any = jax.tree.map(lambda _: self._ocp.PLACEHOLDER, self._structure, is_leaf=lambda x: x is None)
         for key, target in targets.items():
             _set_at(tree, orbax_leaf_path(key), target)
-        restored = self._ocp.load(self.path, tree)
+        try:
+            restored = self._ocp.load(self.path, tree)
+        except Exception as e:  # Orbax and TensorStore raise bare `Exception`s for damaged data
+            names = ", ".join("/".join(orbax_leaf_path(key)) for key in targets)
+            first = str(e).strip().split("\n")[0][:200]
+            raise CheckpointError(
+                f"{names}: cannot be restored from the Orbax checkpoint in {self.path} (a truncated or damaged "
+                f"data file?): {first}"
+            ) from None
         out = {}
         for key in targets:
             node = restored
@@ -354,8 +381,43 @@ def _set_at(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def load_params(ckpt: Checkpoint, cfg: ModelConfig, mesh: Mesh | None = None, progress: bool = False) -> P.ParamTree:
-    """Every parameter of `cfg` from `ckpt`, in `cfg.param_dtype`, in its sharding on `mesh`."""
+def refuse_nonfinite(params: P.ParamTree, ckpt: Checkpoint) -> None:
+    """A `CheckpointError` naming the first published tensor of `ckpt` whose values in `params`
+    (as loaded) include NaN or Inf; one compiled reduction over the whole tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    layered = {e.path for e in ckpt.entries() if e.layer is not None}
+    paths = [tuple(k.key for k in path) for path, _ in leaves]
+
+    def finite(xs: list[jax.Array]) -> list[jax.Array]:
+        # Per layer for stacked parameters, so that the error names the layer's tensor.
+        return [
+            jnp.isfinite(x).all(axis=tuple(range(1 if p in layered else 0, x.ndim)))
+            for p, x in zip(paths, xs, strict=True)
+        ]
+
+    sharding = leaves[0][1].sharding
+    # Replicated flags: every process of a multi-host mesh reads them.
+    out = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
+    flags = jax.jit(finite, out_shardings=out)([x for _, x in leaves])
+    for path, ok in zip(paths, flags, strict=True):
+        ok = np.asarray(ok).reshape(-1)
+        if ok.all():
+            continue
+        layer = int(np.argmin(ok)) if path in layered else None
+        e = next(e for e in ckpt.entries() if e.path == path and e.layer == layer)
+        where = ckpt.files.file_of[e.name] if ckpt.files is not None else os.path.join(ckpt.path, ORBAX_PARAMS)
+        raise CheckpointError(f"{e.name}: NaN or Inf values in {where}; a checkpoint to train from must be finite")
+
+
+def load_params(
+    ckpt: Checkpoint,
+    cfg: ModelConfig,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    check_finite: bool = False,
+) -> P.ParamTree:
+    """Every parameter of `cfg` from `ckpt`, in `cfg.param_dtype`, in its sharding on `mesh`;
+    with `check_finite`, NaN or Inf values are refused (`refuse_nonfinite`)."""
     specs = param_specs(cfg)
     by_path: dict[tuple[str, ...], list[TensorEntry]] = {}
     for e in ckpt.entries():
@@ -395,6 +457,8 @@ def load_params(ckpt: Checkpoint, cfg: ModelConfig, mesh: Mesh | None = None, pr
             _set_at(out, path, value)
             bar.update(sum(ckpt.files.nbytes(e.name) for e in entries))
     bar.close()
+    if check_finite:
+        refuse_nonfinite(out, ckpt)
     return out
 
 

@@ -9,16 +9,19 @@ tensors' bytes piece by piece, so no tensor, let alone a file, is ever held in m
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from magistral_jax.checkpoint.layouts import CheckpointError
+from magistral_jax.config import ConfigError, load_json, open_regular_file
 
 DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -30,6 +33,31 @@ DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 MAX_HEADER_BYTES = 100 * 2**20
+MAX_DIMS = 8  # model weights have at most 4; numpy refuses more than 64
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _header_entry(name: str, info: Any, fname: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype code, shape, (begin, end)) of one header entry, each checked for its JSON type: a
+    hostile header may hold lists, strings or floats anywhere."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CheckpointError(f"{name}: its safetensors header entry in {fname} needs dtype, shape and data_offsets")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str):
+        raise CheckpointError(f"{name}: dtype in {fname} is not a string")
+    if code not in DTYPES:
+        raise CheckpointError(f"{name}: dtype {code[:20]} in {fname} is not a supported float type")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{name}: shape in {fname} is not a list of at most {MAX_DIMS} non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise CheckpointError(f"{name}: data_offsets in {fname} are not two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointError(f"{name}: data_offsets [{begin}, {end}] in {fname} are not an increasing range")
+    return code, tuple(shape), (begin, end)
 
 
 class SafetensorsFile:
@@ -39,10 +67,14 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         self.fname = os.path.basename(path)
+        self._fd = open_regular_file(path, CheckpointError)
         try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{self.fname}: cannot open ({e.strerror})") from None
+            self._read_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _read_header(self) -> None:
         size = os.fstat(self._fd).st_size
         raw = os.pread(self._fd, 8, 0)
         n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
@@ -55,28 +87,34 @@ class SafetensorsFile:
             header = json.loads(os.pread(self._fd, n, 8))
             if not isinstance(header, dict):
                 raise ValueError("not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
+        except ValueError as e:  # also UnicodeDecodeError and integers of more than 4300 digits
             raise CheckpointError(f"{self.fname}: cannot read the safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except RecursionError:
+            raise CheckpointError(f"{self.fname}: cannot read the safetensors header (nested too deeply)") from None
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.fname}: __metadata__ of the safetensors header is not a mapping")
+        self.metadata = metadata
         self.data_start = 8 + n
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        ranges = []
         for name, info in header.items():
-            try:
-                code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(
-                    f"{self.fname}: cannot read the safetensors header (bad entry {name!r})"
-                ) from None
-            if code not in DTYPES:
-                raise CheckpointError(f"{name}: dtype {code} in {self.fname} is not a supported float type")
+            code, shape, (begin, end) = _header_entry(name, info, self.fname)
             nbytes = math.prod(shape) * DTYPES[code].itemsize
-            if end - begin != nbytes or begin < 0:
+            if end - begin != nbytes:
                 raise CheckpointError(f"{name}: its byte range in {self.fname} does not match shape {shape}")
             if self.data_start + end > size:
                 raise CheckpointError(
                     f"{self.fname}: truncated: {name} ends at byte {self.data_start + end}, the file has {size}"
                 )
             self.entries[name] = (DTYPES[code], shape, self.data_start + begin)
+            if nbytes:
+                ranges.append((begin, end, name))
+        # Tensors sharing bytes would alias each other (a write to one is a write to both).
+        ranges.sort()
+        for (_, end, name), (begin, _, other) in itertools.pairwise(ranges):
+            if begin < end:
+                raise CheckpointError(f"{other}: its byte range overlaps {name}'s in {self.fname}")
 
     def close(self) -> None:
         os.close(self._fd)
@@ -126,11 +164,18 @@ class TensorFiles:
         self.directory = directory
         self.file_of: dict[str, str] = {}
         self._files: dict[str, SafetensorsFile] = {}
+        try:
+            self._open(files, index)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, files: Sequence[str], index: dict[str, str] | None) -> None:
         for fname in files:
-            fpath = os.path.join(directory, fname)
+            fpath = os.path.join(self.directory, fname)
             if not os.path.exists(fpath):
                 where = "model.safetensors.index.json" if index is not None else "the file list"
-                raise CheckpointError(f"{fname}: listed in {where} but missing from {directory}")
+                raise CheckpointError(f"{fname}: listed in {where} but missing from {self.directory}")
             self._files[fname] = SafetensorsFile(fpath)
             for name in self._files[fname].entries:
                 if name in self.file_of:
@@ -141,14 +186,22 @@ class TensorFiles:
                 if self.file_of.get(name) != fname:
                     raise CheckpointError(f"{name}: listed in the index under {fname} but not found there")
 
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
     @classmethod
     def from_index(cls, directory: str, index_file: str) -> TensorFiles:
-        path = os.path.join(directory, index_file)
         try:
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_file}: not a safetensors index ({e})") from None
+            weight_map = load_json(os.path.join(directory, index_file)).get("weight_map")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_file}: weight_map is not a mapping of tensor names to file names")
+        for fname in set(weight_map.values()):
+            if os.path.basename(fname) != fname or not fname.endswith(".safetensors"):
+                raise CheckpointError(f"{index_file}: {fname[:80]!r} is not a safetensors file name in its directory")
         return cls(directory, sorted(set(weight_map.values())), weight_map)
 
     def names(self) -> set[str]:

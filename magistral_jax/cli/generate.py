@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+
+# The sampler's key is drawn from 32 bits of the seed (JAX's default, without x64): larger seeds
+# would silently repeat smaller ones.
+MAX_SEED = 2**32 - 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,9 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="min-p filter (default 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="completion budget (default 1024)")
     p.add_argument("--n", type=int, default=1, help="samples (default 1; more than one are printed at the end)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help=f"random seed, 0 to {MAX_SEED} (default 0)")
     p.add_argument("--chunk", type=int, default=8, help="tokens per streamed chunk (default 8)")
-    p.add_argument("--json", action="store_true", help="one JSON object per sample instead of streaming text")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per sample instead of streaming text (strict JSON: a log-probability that is "
+        "not finite, from NaN or Inf in the weights, is null)",
+    )
     p.set_defaults(run=run)
 
 
@@ -115,6 +125,33 @@ def open_for_sampling(args: argparse.Namespace):
     return model, tokenizer, _system_prompt(args.system_prompt, side_files, tokenizer)
 
 
+def check_sampling_options(args: argparse.Namespace) -> None:
+    """Refuses sampling options the sampler would turn into garbage or a traceback: non-finite
+    numbers (`--temperature inf` makes every draw uniform) and seeds beyond `MAX_SEED`."""
+    for name in ("temperature", "top_p", "min_p"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: a finite number >= 0 is expected, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed: an integer from 0 to {MAX_SEED} is expected, got {args.seed}")
+
+
+def json_record(tokenizer, out, row: int) -> str:
+    """Sample `row` of `out` as one line of strict JSON: a log-probability that is not finite (NaN
+    or Inf weights give them) is null, never the `NaN` / `Infinity` strict parsers refuse."""
+    ids = out.completion(row)
+    r = tokenizer.split(ids)
+    record = {
+        "tokens": ids,
+        "text": tokenizer.decode(ids, keep_special=True),
+        "thinking": r.thinking,
+        "answer": r.answer,
+        "logprobs": [round(float(x), 6) if math.isfinite(x) else None for x in out.logprobs[row, : len(ids)]],
+        "finish_reason": out.finish_reasons[row],
+    }
+    return json.dumps(record, ensure_ascii=False, allow_nan=False)
+
+
 class _Printer:
     """Prints the growing completion: thinking dimmed (or under a heading), then the answer."""
 
@@ -158,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
+    check_sampling_options(args)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
     for name in ("max_new_tokens", "n", "chunk"):
         if getattr(args, name) < 1:
@@ -199,19 +237,12 @@ def run(args: argparse.Namespace) -> int:
         printer.close()
     seconds = time.perf_counter() - start
     for row in range(len(out.lengths)):
+        if args.json:
+            print(json_record(tokenizer, out, row))
+            continue
         ids = out.completion(row)
         r = tokenizer.split(ids)
-        if args.json:
-            record = {
-                "tokens": ids,
-                "text": tokenizer.decode(ids, keep_special=True),
-                "thinking": r.thinking,
-                "answer": r.answer,
-                "logprobs": [round(float(x), 6) for x in out.logprobs[row, : len(ids)]],
-                "finish_reason": out.finish_reasons[row],
-            }
-            print(json.dumps(record, ensure_ascii=False))
-        elif args.n > 1:
+        if args.n > 1:
             print(f"=== sample {row + 1}/{args.n} ({out.finish_reasons[row]}) ===")
             if r.thinking is not None:
                 print(f"--- thinking ---\n{r.thinking}\n--- answer ---")

@@ -29,7 +29,7 @@ def build_model(cfg: RunConfig, mesh):
     if is_run_dir(cfg.init_from):
         params = load_run_params(cfg.init_from, target, mesh, cfg.init_checkpoint)
     else:
-        loaded = load_model(cfg.init_from, mesh=mesh, dtype=None)
+        loaded = load_model(cfg.init_from, mesh=mesh, dtype=None, check_finite=True)
         params = loaded.params
         if mesh is not None and loaded.cfg.rules != target.rules:
             params = jax.device_put(params, P.shardings(param_specs(target), mesh, target.rules))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from magistral_jax.config import ConfigError
+from magistral_jax.config import ConfigError, ModelConfig, nest_overrides, read_yaml_file, typed_fields
 from magistral_jax.train.step import OptimizerConfig
 
 
@@ -170,6 +171,8 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: a positive integer is expected, got {value!r}")
+        if self.sft.batch_size < 1:
+            raise ConfigError(f"sft.batch_size: a positive integer is expected, got {self.sft.batch_size!r}")
         g = self.grpo
         for name in ("group_size", "prompts_per_step", "max_new_tokens", "minibatches", "max_draws"):
             if getattr(g, name) < 1:
@@ -215,67 +218,45 @@ _SECTIONS = {
 }
 
 
-def _build(d: dict[str, Any], where: str) -> RunConfig:
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    kwargs: dict[str, Any] = {}
-    for key, value in d.items():
-        if key not in known:
-            raise ConfigError(f"{where}{key}: unknown key; expected one of {sorted(known)}")
-        if key in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}{key}: a mapping is expected")
-            cls = _SECTIONS[key]
-            sub = {f.name for f in dataclasses.fields(cls)}
-            for k in value:
-                if k not in sub:
-                    raise ConfigError(f"{where}{key}.{k}: unknown key; expected one of {sorted(sub)}")
+def _build(d: dict[str, Any]) -> RunConfig:
+    # Every value typed as its field (`typed_fields`); `model_overrides` as the model config's
+    # fields, which it changes.
+    typed = typed_fields(d, RunConfig)
+    if "model_overrides" in d:
+        typed["model_overrides"] = typed_fields(d["model_overrides"], ModelConfig, "model_overrides.")
+    for key, cls in _SECTIONS.items():
+        if key in typed:
             try:
-                value = cls(**value)
+                typed[key] = cls(**typed[key])
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"{where}{key}: {e}") from None
-        kwargs[key] = value
-    if "kind" not in kwargs:
-        raise ConfigError(f"{where}kind: required (grpo or sft)")
-    return RunConfig(**kwargs)
+                raise ConfigError(f"{key}: {e}") from None
+    if "kind" not in typed:
+        raise ConfigError("kind: required (grpo or sft)")
+    return RunConfig(**typed)
 
 
-def _scalar(text: str) -> Any:
-    import yaml
+def load_run_config(path: str | None, overrides: Sequence[str] = (), kind: str | None = None) -> RunConfig:
+    """A run config from a YAML file (or none) with `a.b=value` overrides; `kind` must agree.
 
-    return yaml.safe_load(text) if text.strip() else ""
-
-
-def load_run_config(path: str | None, overrides: list[str] = (), kind: str | None = None) -> RunConfig:
-    """A run config from a YAML file (or none) with `a.b=value` overrides; `kind` must agree."""
-    import yaml
-
+    YAML values and overrides are converted to the types of the fields they set (see
+    `config.typed_value`): `optimizer.lr=1e-3` is a float, `grpo.group_size=abc` an error naming
+    the key and the type, before anything is built."""
     d: dict[str, Any] = {}
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"{path}: no such config file")
-        with open(path) as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        d = read_yaml_file(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: a mapping is expected at the top level")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: KEY=VALUE expected (e.g. optimizer.lr=1e-5)")
-        node = d
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = _scalar(value)
+    d = nest_overrides(d, overrides)
     if kind is not None:
         if d.get("kind", kind) != kind:
             raise ConfigError(f"kind: the config is for {d['kind']!r}, the command trains {kind!r}")
         d["kind"] = kind
-    return _build(d, f"{path}: " if path else "")
+    try:
+        return _build(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

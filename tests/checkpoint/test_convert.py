@@ -7,6 +7,9 @@ formulas (independently of magistral_jax).
 
 import json
 import os
+import re
+import signal
+import stat
 import subprocess
 import sys
 
@@ -14,11 +17,12 @@ import hf_reference as R
 import numpy as np
 import pytest
 import torch
+from helpers import no_hang
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, Mistral3ForConditionalGeneration
 
 import magistral_jax as mj
-from magistral_jax.checkpoint import CheckpointError, convert, save_model
+from magistral_jax.checkpoint import CheckpointError, NonFiniteWarning, convert, save_model
 
 TEXT = dict(vocab=97, dim=32, layers=2, heads=4, kv_heads=2, head_dim=8, hidden=48)
 
@@ -293,3 +297,131 @@ def test_convert_command(tmp_path, text_model):
     assert bad.returncode != 0 and "not a directory" in bad.stderr
     forced = run(str(tmp_path / "hf"), str(tmp_path / "y"), "--to", "hf", "--from", "mistral")
     assert forced.returncode != 0 and "params.json is missing" in forced.stderr
+
+
+# --- destinations: permissions, partial directories of killed conversions, symbolic links ---------
+
+
+def _modes(directory):
+    """{relative path: permission bits} of a directory tree, the directory itself as "."."""
+    out = {".": stat.S_IMODE(os.stat(directory).st_mode)}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, directory)] = stat.S_IMODE(os.stat(path).st_mode)
+    return out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_respect_the_umask(tmp_path, text_model, umask):
+    text_model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tekken.json").write_text("{}")
+    os.chmod(tmp_path / "hf" / "tekken.json", 0o600)  # the source's own mode must not travel
+    previous = os.umask(umask)
+    try:
+        convert(tmp_path / "hf", tmp_path / "orbax", "orbax", progress=False)
+        save_model(mj.load_model(tmp_path / "hf", dtype="float32"), tmp_path / "export", "mistral", progress=False)
+    finally:
+        os.umask(previous)
+    for out in ("orbax", "export"):
+        for name, mode in _modes(tmp_path / out).items():
+            is_dir = os.path.isdir(tmp_path / out / name)
+            assert mode == (0o777 if is_dir else 0o666) & ~umask, (out, name, oct(mode))
+
+
+_KILLED_CONVERT = """
+import sys, time
+from magistral_jax.checkpoint import convert, reader
+
+def stall(self, key, index):
+    print("writing", flush=True)
+    time.sleep(300)
+
+reader.SafetensorsSource.read = stall
+convert(sys.argv[1], sys.argv[2], "mistral", progress=False)
+"""
+
+
+def test_a_killed_conversion_leaves_a_named_partial_that_the_next_one_removes(tmp_path, text_model):
+    text_model.save_pretrained(tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CONVERT, str(tmp_path / "hf"), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert killed.stdout.readline() == b"writing\n"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (partial,) = [name for name in os.listdir(tmp_path) if name.startswith(".out.partial-")]
+    assert partial.split("-")[-2] == str(killed.pid)
+    # A live conversion's directory (here: of a process that sleeps) must survive the clean-up.
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        alive = f".other.partial-{partial.split('.partial-')[1].rsplit('-', 2)[0]}-{live.pid}-0123abcd"
+        (tmp_path / alive).mkdir()
+        convert(tmp_path / "hf", tmp_path / "out", "mistral", progress=False)
+        assert sorted(os.listdir(tmp_path)) == sorted(["hf", "out", alive])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_dangling_or_looping_symbolic_link_destinations_are_refused_before_any_work(tmp_path):
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    os.symlink(tmp_path / "nowhere", tmp_path / "parent")
+    cases = {
+        "dangling": "destination is a dangling symbolic link",
+        "loop": "destination is a symbolic link loop",
+        "parent/out": "is a dangling symbolic link",
+        "loop/out": "Too many levels of symbolic links",
+    }
+    for dst, message in cases.items():
+        # The source does not even exist: the destination is checked first.
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            convert(tmp_path / "no-source", tmp_path / dst, "hf", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "loop", "parent"]
+
+
+def test_a_fifo_among_the_side_files_is_refused_not_waited_on(tmp_path, text_model):
+    text_model.save_pretrained(tmp_path / "hf")
+    os.mkfifo(tmp_path / "hf" / "tekken.json")
+    with no_hang(30), pytest.raises(CheckpointError, match=r"tekken\.json: not a regular file"):
+        convert(tmp_path / "hf", tmp_path / "out", "mistral", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_nan_and_inf_weights_convert_with_a_warning_naming_the_tensors(tmp_path, text_model):
+    text_model.save_pretrained(tmp_path / "hf")
+
+    def poison(t):
+        t["model.norm.weight"] = t["model.norm.weight"].copy()
+        t["model.norm.weight"][:3] = [np.nan, np.inf, -np.inf]
+        t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"].copy()
+        t["model.layers.1.self_attn.k_proj.weight"][2, 2] = np.nan
+        return t
+
+    _edit(tmp_path / "hf", poison)
+    for to in ("mistral", "orbax"):
+        with pytest.warns(NonFiniteWarning) as caught:
+            convert(tmp_path / "hf", tmp_path / to, to, progress=False)
+        (warning,) = caught
+        assert "NaN or Inf in 2 tensors" in str(warning.message)
+        assert "model.layers.1.self_attn.k_proj.weight (1 values)" in str(warning.message)
+        assert "model.norm.weight (3 values)" in str(warning.message)
+    back = load_file(tmp_path / "mistral" / "consolidated.safetensors")["norm.weight"]
+    assert np.isnan(back[0]) and back[1] == np.inf and back[2] == -np.inf  # copied as they are
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_nonfinite_values_are_counted_in_every_float_type(dtype):
+    from magistral_jax.checkpoint.convert import count_nonfinite
+
+    dtype = np.dtype(dtype)
+    block = np.linspace(-3, 3, 60).astype(dtype).reshape(6, 10)
+    assert count_nonfinite(block) == 0
+    # The largest finite values (whose sum overflows) and a zero-size block are finite.
+    assert count_nonfinite(np.full(9, np.finfo(dtype).max, dtype)) == 0 and count_nonfinite(block[:0]) == 0
+    block[0, 1], block[2, 2], block[5, 9] = np.nan, np.inf, -np.inf
+    assert count_nonfinite(block) == 3

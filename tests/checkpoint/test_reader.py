@@ -3,14 +3,16 @@
 import json
 import os
 import re
+import shutil
 
 import hf_reference as R
 import numpy as np
 import pytest
+from helpers import no_hang
 from safetensors.numpy import load_file, save_file
 
 import magistral_jax as mj
-from magistral_jax.checkpoint import CheckpointError
+from magistral_jax.checkpoint import CheckpointError, convert
 
 KW = dict(vocab=97, dim=32, layers=2, heads=4, kv_heads=2, head_dim=8, hidden=48)
 
@@ -95,3 +97,88 @@ def test_loads_onto_a_mesh_in_the_declared_shardings(checkpoint):
     assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
     # The odd vocabulary (97) cannot be split over tensor=2 and stays replicated on that axis.
     assert model.params["embed"].addressable_shards[0].data.shape == (97, 16)
+
+
+def test_index_whose_weight_map_is_not_a_mapping(checkpoint):
+    index = checkpoint / "model.safetensors.index.json"
+    for weight_map, message in (
+        (["model.safetensors"], "weight_map is not a mapping of tensor names to file names"),
+        ({"model.norm.weight": ["model.safetensors"]}, "weight_map is not a mapping of tensor names to file names"),
+        ({"model.norm.weight": "../model.safetensors"}, "'../model.safetensors' is not a safetensors file name"),
+    ):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json: {re.escape(message)}"):
+            mj.load_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def orbax_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("orbax")
+    R.causal_lm(seed=0, **KW).save_pretrained(directory / "hf")
+    convert(directory / "hf", directory / "orbax", "orbax", progress=False)
+    return directory / "orbax"
+
+
+def test_relative_paths_to_an_orbax_checkpoint_work(orbax_checkpoint, tmp_path, monkeypatch):
+    # Orbax's own API refuses relative paths ("Checkpoint path should be absolute").
+    from magistral_jax.train.config import load_run_config
+    from magistral_jax.train.loop import build_model
+
+    def weights(model):
+        return [np.asarray(model.params["embed"]), np.asarray(model.params["layers"]["wq"])]
+
+    expected = weights(mj.load_model(orbax_checkpoint, dtype="float32"))
+    monkeypatch.chdir(orbax_checkpoint.parent)
+    for got, want in zip(weights(mj.load_model("orbax", dtype="float32")), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.join(os.pardir, orbax_checkpoint.parent.name, "orbax")
+    convert(relative, "hf-back", "hf", progress=False)
+    for got, want in zip(weights(mj.load_model("hf-back", dtype="float32")), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    model = build_model(load_run_config(None, ["kind=sft", f"init_from={relative}"]), None)
+    for got, want in zip(weights(model), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_truncated_orbax_data_file_names_the_tensor(orbax_checkpoint, tmp_path):
+    damaged = tmp_path / "orbax"
+    shutil.copytree(orbax_checkpoint, damaged)
+    data = max((p for p in damaged.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 3)
+    with pytest.raises(CheckpointError, match=r": cannot be restored from the Orbax checkpoint in .*orbax/params"):
+        mj.load_model(damaged)
+
+
+def test_a_fifo_among_the_orbax_files_is_refused_not_waited_on(orbax_checkpoint, tmp_path):
+    damaged = tmp_path / "orbax"
+    shutil.copytree(orbax_checkpoint, damaged)
+    data = max((p for p in damaged.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.unlink()
+    os.mkfifo(data)
+    with no_hang(10), pytest.raises(CheckpointError, match=f"{re.escape(str(data))}: not a regular file"):
+        mj.load_model(damaged)
+
+
+def _poison(directory, name, index):
+    def edit(t):
+        t[name] = t[name].copy()
+        t[name][index] = np.nan
+        return t
+
+    _edit(directory, edit)
+
+
+def test_nan_weights_are_refused_for_training_naming_the_tensor(checkpoint):
+    from magistral_jax.train.config import load_run_config
+    from magistral_jax.train.loop import build_model
+
+    _poison(checkpoint, "model.layers.1.mlp.up_proj.weight", (3, 5))
+    model = mj.load_model(checkpoint, dtype="float32")  # inference: loaded as it is
+    assert np.isnan(np.asarray(model.params["layers"]["w3"])).sum() == 1
+    message = r"model\.layers\.1\.mlp\.up_proj\.weight: NaN or Inf values in model\.safetensors"
+    with pytest.raises(CheckpointError, match=message):
+        mj.load_model(checkpoint, check_finite=True)
+    with pytest.raises(CheckpointError, match=message):
+        build_model(load_run_config(None, ["kind=sft", f"init_from={checkpoint}"]), None)

@@ -1,10 +1,12 @@
 """Our safetensors reader and streaming writer against the safetensors library itself."""
 
 import json
+import os
 
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import no_hang
 from safetensors.numpy import load_file, save_file
 
 from magistral_jax.checkpoint import CheckpointError
@@ -79,4 +81,69 @@ def test_header_checks(tmp_path):
     header = json.dumps({"w": {"dtype": "I8", "shape": [4], "data_offsets": [0, 4]}}).encode()
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
     with pytest.raises(CheckpointError, match=r"w: dtype I8 in bad\.safetensors is not a supported float type"):
+        SafetensorsFile(str(path))
+
+
+def _write_header(path, header):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 64)
+
+
+def _entry(**changes):
+    return {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16], **changes}
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"w": _entry(dtype=["F32"])}, r"w: dtype in bad\.safetensors is not a string"),
+        ({"w": _entry(dtype={"F32": 1})}, r"w: dtype in bad\.safetensors is not a string"),
+        ({"w": _entry(data_offsets=["0", "16"])}, r"w: data_offsets in bad\.safetensors are not two integers"),
+        ({"w": _entry(data_offsets=[0.0, 16.0])}, r"w: data_offsets in bad\.safetensors are not two integers"),
+        ({"w": _entry(data_offsets=[0, 8, 16])}, r"w: data_offsets in bad\.safetensors are not two integers"),
+        ({"w": _entry(data_offsets=[16, 0])}, r"w: data_offsets \[16, 0\] in bad\.safetensors are not an increasing"),
+        (
+            {"w": _entry(shape=[-2, -2])},
+            r"w: shape in bad\.safetensors is not a list of at most 8 non-negative integers",
+        ),
+        (
+            {"w": _entry(shape=[2.0, 2])},
+            r"w: shape in bad\.safetensors is not a list of at most 8 non-negative integers",
+        ),
+        ({"w": _entry(shape="2x2")}, r"w: shape in bad\.safetensors is not a list of at most 8 non-negative integers"),
+        ({"w": [1, 2, 3]}, r"w: its safetensors header entry in bad\.safetensors needs dtype, shape and data_offsets"),
+        ({"w": _entry(), "__metadata__": [1]}, r"bad\.safetensors: __metadata__ of the safetensors header"),
+        # A tensor whose bytes are another's: refused, naming both.
+        (
+            {"a": _entry(), "b": _entry(shape=[2], data_offsets=[8, 16])},
+            r"b: its byte range overlaps a's in bad\.safetensors",
+        ),
+        (
+            {"a": _entry(shape=[4], data_offsets=[16, 32]), "b": _entry(data_offsets=[4, 20])},
+            r"a: its byte range overlaps b's in bad\.safetensors",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, r"bad\.safetensors: cannot read the safetensors header \(nested too deeply"),
+        (b'{"w\xff": 1}', r"bad\.safetensors: cannot read the safetensors header"),
+        (b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b"]}}", r"bad\.safetensors: cannot read the safetensors"),
+    ],
+)
+def test_hostile_headers_are_refused_naming_file_and_tensor(tmp_path, header, message):
+    path = tmp_path / "bad.safetensors"
+    _write_header(path, header)
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsFile(str(path))
+
+
+def test_adjacent_and_empty_tensors_are_not_overlaps(tmp_path):
+    tensors = {"a": np.arange(4, dtype=np.float32), "e": np.zeros((0, 3), np.float32), "b": np.ones(2, np.float32)}
+    save_file(tensors, tmp_path / "ok.safetensors")
+    f = SafetensorsFile(str(tmp_path / "ok.safetensors"))
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(f.read(name), value)
+
+
+def test_a_fifo_in_place_of_a_safetensors_file_is_refused_not_waited_on(tmp_path):
+    path = tmp_path / "model.safetensors"
+    os.mkfifo(path)
+    with no_hang(5), pytest.raises(CheckpointError, match=r"model\.safetensors: not a regular file"):
         SafetensorsFile(str(path))
