@@ -620,7 +620,7 @@ def parse_yaml(text: str, where: str) -> Any:
     import yaml
 
     try:
-        return yaml.load(text, Loader=_YAML_LOADER())  # a SafeLoader subclass: no arbitrary objects
+        return yaml.load(str(text), Loader=_YAML_LOADER())  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
     except RecursionError:
@@ -673,7 +673,7 @@ def _describe(tp: Any) -> str:
     names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
     if tp in names:
         return names[tp]
-    if origin is tuple:
+    if origin in (tuple, list):
         return "a list"
     return "a mapping"
 
@@ -760,6 +760,11 @@ def typed_value(value: Any, tp: Any, key: str) -> Any:
         if len(items) != len(args):
             raise ConfigError(f"{key}: a list of {len(args)} items is expected, got {_show(value)}")
         return tuple(typed_value(x, a, f"{key}[{i}]") for i, (x, a) in enumerate(zip(items, args, strict=True)))
+    if origin is list:
+        items = parse_yaml(value, key) if isinstance(value, OverrideText) else value
+        if not isinstance(items, list | tuple):
+            raise wrong()
+        return [typed_value(x, args[0], f"{key}[{i}]") for i, x in enumerate(items)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise wrong()
