@@ -115,7 +115,7 @@ def sample_and_score(
 
     from magistral_jax.data.sources import problem_fields
     from magistral_jax.rl.magistral_rewards import last_boxed, split_format
-    from magistral_jax.rl.rewards import RewardPool
+    from magistral_jax.rl.pool import RewardPool
     from magistral_jax.sampling import Sampler
 
     if k < 1 or batch_problems < 1:

@@ -107,7 +107,8 @@ def step_and_sample() -> dict[str, np.ndarray]:
     from magistral_jax.data.procedural import ReverseDigits
     from magistral_jax.sampling import Sampler, SamplingParams
     from magistral_jax.train.config import load_run_config
-    from magistral_jax.train.loop import TIMING_METRICS, ProcessShard, SFTStep
+    from magistral_jax.train.loop import TIMING_METRICS, ProcessShard
+    from magistral_jax.train.sft import SFTStep
     from magistral_jax.train.step import Objective, Trainer
 
     model = _model()
@@ -177,7 +178,8 @@ def async_weight_push() -> None:
     from magistral_jax.model import param_specs
     from magistral_jax.model import params as P
     from magistral_jax.sharding import make_mesh, to_host
-    from magistral_jax.train.async_grpo import split_devices, weight_push
+    from magistral_jax.train.async_grpo import split_devices
+    from magistral_jax.train.policy import weight_push
 
     generators, trainers = split_devices(2, 2)
     assert [d.process_index for d in generators] == [jax.process_index()] * 2

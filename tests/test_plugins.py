@@ -51,7 +51,7 @@ class Countdown:
 SCRIPT = """
 import json, os, sys
 from magistral_jax.data.sources import make_source
-from magistral_jax.rl.rewards import RewardPool
+from magistral_jax.rl.pool import RewardPool
 from magistral_jax.train.config import load_run_config
 
 cfg = load_run_config(None, ["kind=grpo", "reward.name=myplugins.rewards:by_length", "reward.scale=0.5",

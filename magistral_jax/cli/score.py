@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     from magistral_jax.data.sources import problem_fields
     from magistral_jax.evaluation import with_call_driver
-    from magistral_jax.rl.rewards import RewardPool
+    from magistral_jax.rl.pool import RewardPool
 
     if args.batch < 1:
         raise ValueError("--batch: a positive integer is expected")

@@ -1,4 +1,4 @@
-"""Policy-gradient objectives of the GRPO family, as a registry of variants.
+"""Policy-gradient objectives of the GRPO family, as combinations of registered parts.
 
 A variant turns the rewards of a minibatch of complete groups into per-sequence advantages and
 per-sequence token weights (the loss normaliser), on the host, before the minibatch is cut into
@@ -10,60 +10,95 @@ microbatches. The loss of the minibatch is then a plain weighted sum over tokens
 so it, and its gradient, are the same however the minibatch is split into microbatches.
 Weights include the mean over the minibatch's groups (the expectation over prompts).
 
-Registered variants (`reference/magistral-rl-recipe.md`, sections 1 and 6):
+A variant is a named combination of registry keys, as tunix composes its GRPO family:
 
-| variant | advantage | weight w_i of sequence i in group g | constant groups |
-|---|---|---|---|
-| `magistral` | r - mean_g, then standardised over the minibatch | 1 / sum_{j in g} len_j | dropped |
-| `grpo` | (r - mean_g) / std_g | 1 / (G_g * len_i) | kept; k3 KL to a reference |
-| `dapo` | (r - mean_g) / std_g | 1 / sum_{j in g} len_j | dropped |
-| `dr_grpo` | r - mean_g | 1 / (G_g * budget) | kept |
+- `ADVANTAGES` (`register_advantage`): rewards and group ids -> advantages;
+- `AGGREGATIONS` (`register_aggregation`): group ids, lengths and the budget -> each sequence's
+  token weight, before the mean over groups;
+- whether groups without signal are dropped when batches are formed (`filter_groups`), and
+  whether a k3 KL term to a reference policy is added (`kl`, with the run's `kl_coef`).
 
-Standard deviations are population ones (ddof 0); every division by a standard deviation adds
-`EPS`.
+The four named ones (`reference/magistral-rl-recipe.md`, sections 1 and 6):
+
+| variant | advantage | aggregation | filter_groups | kl |
+|---|---|---|---|---|
+| `magistral` | `minibatch_normalized` | `group_tokens` | yes | no |
+| `grpo` | `group_normalized` | `sequence_tokens` | no | yes |
+| `dapo` | `group_normalized` | `group_tokens` | yes | no |
+| `dr_grpo` | `group_centered` | `budget` | no | no |
+
+Advantages: `minibatch_normalized` r - mean_g, then standardised over the minibatch;
+`group_normalized` (r - mean_g) / std_g; `group_centered` r - mean_g. Aggregations (the weight of
+each token of sequence i in group g): `group_tokens` 1 / sum_{j in g} len_j; `sequence_tokens`
+1 / (G_g * len_i); `budget` 1 / (G_g * budget).
+
+A new combination needs no code: `grpo: {loss: dapo, aggregation: budget}` changes one part of a
+named variant, and a new estimator is one registered function. Standard deviations are population
+ones (ddof 0); every division by a standard deviation adds `EPS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 EPS = 1e-8
 
-# (rewards [S], group ids [S], lengths [S], budget) -> (advantages [S], weights [S])
-VariantFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# (rewards [S], group ids [S]) -> advantages [S]
+AdvantageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# (group ids [S], lengths [S], budget) -> token weights [S], before the mean over groups
+AggregationFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+ADVANTAGES: dict[str, AdvantageFn] = {}
+AGGREGATIONS: dict[str, AggregationFn] = {}
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A registered objective: its advantage/weight function and how groups are handled."""
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Registers `fn(rewards, groups) -> advantages` as advantage estimator `name`."""
 
-    name: str
-    fn: VariantFn
-    filter_constant_groups: bool
-    kl: bool
-
-
-VARIANTS: dict[str, Variant] = {}
-
-
-def register(name: str, *, filter_constant_groups: bool, kl: bool = False) -> Callable[[VariantFn], VariantFn]:
-    """Registers `fn(rewards, groups, lengths, budget) -> (advantages, weights)` under `name`."""
-
-    def wrap(fn: VariantFn) -> VariantFn:
-        VARIANTS[name] = Variant(name, fn, filter_constant_groups, kl)
+    def wrap(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGES[name] = fn
         return fn
 
     return wrap
 
 
-def get_variant(name: str) -> Variant:
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise ValueError(f"loss: unknown variant {name!r}; registered: {', '.join(VARIANTS)}") from None
+def register_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
+    """Registers `fn(groups, lengths, budget) -> weights` as loss aggregation `name`."""
+
+    def wrap(fn: AggregationFn) -> AggregationFn:
+        AGGREGATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An objective: its advantage estimator and loss aggregation (registry keys), whether groups
+    without signal are dropped, and whether a KL term to a reference policy is added."""
+
+    name: str
+    advantage: str
+    aggregation: str
+    filter_groups: bool
+    kl: bool
+
+    def __post_init__(self) -> None:
+        for part, registry in (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS)):
+            if getattr(self, part) not in registry:
+                raise ValueError(f"{part}: unknown {getattr(self, part)!r}; registered: {', '.join(sorted(registry))}")
+
+    def fn(
+        self, rewards: np.ndarray, groups: np.ndarray, lengths: np.ndarray, budget: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(advantages [S], weights [S]) of a minibatch of whole groups."""
+        rewards = np.asarray(rewards, np.float64)
+        advantages = ADVANTAGES[self.advantage](rewards, groups)
+        weights = AGGREGATIONS[self.aggregation](groups, np.asarray(lengths), budget)
+        return advantages, weights / n_groups(groups)
 
 
 def _group_stats(rewards: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,6 +124,11 @@ def _extremes(rewards: np.ndarray, inverse: np.ndarray, n: int) -> tuple[np.ndar
     return lows, highs
 
 
+def _group_sizes(groups: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return counts[inverse].astype(np.float64)
+
+
 def _group_lengths(lengths: np.ndarray, groups: np.ndarray) -> np.ndarray:
     _, inverse = np.unique(groups, return_inverse=True)
     return np.bincount(inverse, lengths.astype(np.float64))[inverse]
@@ -98,30 +138,64 @@ def n_groups(groups: np.ndarray) -> int:
     return len(np.unique(groups))
 
 
-@register("magistral", filter_constant_groups=True)
-def magistral(rewards, groups, lengths, budget):
+@register_advantage("minibatch_normalized")
+def minibatch_normalized(rewards, groups):
     mean, _, _ = _group_stats(rewards, groups)
     adv = rewards - mean
-    adv = (adv - adv.mean()) / (adv.std() + EPS)
-    return adv, 1.0 / (_group_lengths(lengths, groups) * n_groups(groups))
+    return (adv - adv.mean()) / (adv.std() + EPS)
 
 
-@register("grpo", filter_constant_groups=False, kl=True)
-def grpo(rewards, groups, lengths, budget):
-    mean, std, size = _group_stats(rewards, groups)
-    return (rewards - mean) / (std + EPS), 1.0 / (size * lengths * n_groups(groups))
-
-
-@register("dapo", filter_constant_groups=True)
-def dapo(rewards, groups, lengths, budget):
+@register_advantage("group_normalized")
+def group_normalized(rewards, groups):
     mean, std, _ = _group_stats(rewards, groups)
-    return (rewards - mean) / (std + EPS), 1.0 / (_group_lengths(lengths, groups) * n_groups(groups))
+    return (rewards - mean) / (std + EPS)
 
 
-@register("dr_grpo", filter_constant_groups=False)
-def dr_grpo(rewards, groups, lengths, budget):
-    mean, _, size = _group_stats(rewards, groups)
-    return rewards - mean, 1.0 / (size * budget * n_groups(groups))
+@register_advantage("group_centered")
+def group_centered(rewards, groups):
+    mean, _, _ = _group_stats(rewards, groups)
+    return rewards - mean
+
+
+@register_aggregation("group_tokens")
+def group_tokens(groups, lengths, budget):
+    return 1.0 / _group_lengths(lengths, groups)
+
+
+@register_aggregation("sequence_tokens")
+def sequence_tokens(groups, lengths, budget):
+    return 1.0 / (_group_sizes(groups) * lengths)
+
+
+@register_aggregation("budget")
+def budget_tokens(groups, lengths, budget):
+    return 1.0 / (_group_sizes(groups) * budget)
+
+
+VARIANTS: dict[str, Variant] = {
+    "magistral": Variant("magistral", "minibatch_normalized", "group_tokens", filter_groups=True, kl=False),
+    "grpo": Variant("grpo", "group_normalized", "sequence_tokens", filter_groups=False, kl=True),
+    "dapo": Variant("dapo", "group_normalized", "group_tokens", filter_groups=True, kl=False),
+    "dr_grpo": Variant("dr_grpo", "group_centered", "budget", filter_groups=False, kl=False),
+}
+
+
+def get_variant(
+    name: str,
+    *,
+    advantage: str | None = None,
+    aggregation: str | None = None,
+    filter_groups: bool | None = None,
+    kl: bool | None = None,
+) -> Variant:
+    """Variant `name`, with any of its parts replaced (None keeps the named variant's)."""
+    try:
+        variant = VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"loss: unknown variant {name!r}; registered: {', '.join(VARIANTS)}") from None
+    parts = {"advantage": advantage, "aggregation": aggregation, "filter_groups": filter_groups, "kl": kl}
+    changes = {k: v for k, v in parts.items() if v is not None}
+    return replace(variant, **changes) if changes else variant
 
 
 def constant_groups(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:

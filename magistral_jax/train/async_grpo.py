@@ -11,7 +11,7 @@ The devices are split into two disjoint sets (`async_rl.generator_devices` then
   `prompts_per_step` groups with signal (for variants that drop the others; at most `max_draws x
   prompts_per_step` groups a step), trains on them exactly as the synchronous step does
   (`train.grpo`: minibatches, advantages, packing; the sampler's log-probabilities are the loss's
-  pi_old) and pushes the new weights to the generator mesh (`jax.device_put`, device to device).
+  pi_old) and pushes the new weights to the generator's `Policy` (`train.policy`: device to device).
   Groups without signal are consumed, not trained: they count as drawn in the metrics and in the
   data ledger. The generator swaps them in
   between two decode chunks; in-flight sequences keep their KV cache, and every token records the
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,7 +59,9 @@ from magistral_jax.config import ConfigError
 from magistral_jax.data.procedural import Example
 from magistral_jax.distributed import allgather, allgather_objects
 from magistral_jax.sampling.continuous import ContinuousBatcher, Finished, Request
-from magistral_jax.train.grpo import GRPOLearner, Rollouts, budget, gather
+from magistral_jax.train.grpo import GRPOLearner, budget
+from magistral_jax.train.policy import Policy, weight_push
+from magistral_jax.train.rollouts import Rollouts, gather
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Generator(threading.Thread):
 
     Args:
       batcher: the `ContinuousBatcher` on the generator mesh.
+      policy: the `Policy` whose model the batcher runs; new weights are pulled between chunks.
       source: the data source (only this thread draws from it).
       queue: the bounded `RolloutQueue`.
       score: `score(example, finished) -> (rewards, components)` for one group (verifier threads).
@@ -143,6 +145,7 @@ class Generator(threading.Thread):
     def __init__(
         self,
         batcher: ContinuousBatcher,
+        policy: Policy,
         source,
         queue: RolloutQueue,
         score,
@@ -155,7 +158,7 @@ class Generator(threading.Thread):
         skip: set[int] | None = None,
     ):
         super().__init__(name="magistral-generator", daemon=True)
-        self.batcher, self.source, self.queue, self.score = batcher, source, queue, score
+        self.batcher, self.policy, self.source, self.queue, self.score = batcher, policy, source, queue, score
         self.group_size, self.max_new_tokens, self.seed = group_size, max_new_tokens, seed
         self.next_gid, self.skip = next_gid, set(skip or ())
         self.lock = threading.Lock()
@@ -163,18 +166,12 @@ class Generator(threading.Thread):
         self.pending: collections.deque[Request] = collections.deque()
         self.collected: dict[int, list[Finished | None]] = {}
         self.examples: dict[int, Example] = {}
-        self.mailbox: tuple[Any, int] | None = None
         self.stopping = threading.Event()
         self.error: BaseException | None = None
         self.verifiers = ThreadPoolExecutor(max(1, verifiers), thread_name_prefix="magistral-verifier")
         self.decode_s = 0.0
 
     # ---- the trainer's side ----
-
-    def push(self, params, version: int) -> None:
-        """New weights (already on the generator mesh), swapped in before the next decode chunk."""
-        with self.lock:
-            self.mailbox = (params, version)
 
     def check(self) -> None:
         if self.error is not None:
@@ -204,10 +201,9 @@ class Generator(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopping.is_set():
-                with self.lock:
-                    mail, self.mailbox = self.mailbox, None
-                if mail is not None:
-                    self.batcher.set_params(*mail)
+                new = self.policy.pull()
+                if new is not None:
+                    self.batcher.set_params(*new)
                 self._fill()
                 if not self.batcher.busy:
                     self.queue.wait_for_room(0.1)
@@ -288,30 +284,6 @@ def split_devices(generator_devices: int, trainer_devices: int) -> tuple[list, l
     return local[:generator_devices], trainers
 
 
-@functools.lru_cache(maxsize=8)
-def _replicate(mesh):
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    return jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def weight_push(trainer_params, generator_shardings):
-    """The trainer's parameters on the generator mesh, device to device.
-
-    One process: `jax.device_put` across the two meshes. Several: each leaf is first replicated over
-    the trainer mesh (an all-gather, every process together), then this process's copy moves to its
-    own generator devices; one leaf at a time, so at most one whole tensor is gathered at once.
-    """
-    if jax.process_count() == 1:
-        return jax.block_until_ready(jax.device_put(trainer_params, generator_shardings))
-
-    def one(x, sharding):
-        whole = _replicate(x.sharding.mesh)(x)
-        return jax.device_put(whole.addressable_shards[0].data, sharding)
-
-    return jax.block_until_ready(jax.tree.map(one, trainer_params, generator_shardings))
-
-
 def train_async(
     cfg, learner: GRPOLearner, source, generator_devices: list, steps, *, meta: dict[str, Any], finish
 ) -> dict[str, float]:
@@ -342,8 +314,9 @@ def train_async(
     per_step = g.prompts_per_step // count  # groups with signal each process contributes to a step
 
     start = int(meta.get("step", 0))
+    policy = Policy(Model(model.cfg, weight_push(model.params, shardings), mesh), version=start, shardings=shardings)
     batcher = ContinuousBatcher(
-        Model(model.cfg, weight_push(model.params, shardings), mesh),
+        policy.model,
         slots=a.slots or n_batch // count,
         max_prompt_len=a.max_prompt_len,
         max_new_tokens=g.max_new_tokens,
@@ -362,6 +335,7 @@ def train_async(
     skip = set(meta.get("trained_after", ()))
     generator = Generator(
         batcher,
+        policy,
         source,
         queue,
         score,
@@ -410,7 +384,7 @@ def train_async(
             metrics = learner.drawn_metrics(drawn, signal, len(chosen))
             metrics.update(learner.update(drawn.select(chosen)))
             t2 = time.perf_counter()
-            generator.push(weight_push(model.params, shardings), step + 1)
+            policy.push(model.params, step + 1)
             t3 = time.perf_counter()
             consumed.update(group.gid for group in taken)
             versions = [f.versions for group in kept for f in group.finished]

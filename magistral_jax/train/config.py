@@ -21,7 +21,11 @@ from magistral_jax.train.step import OptimizerConfig
 class GRPOConfig:
     """The RL part of a run (see `rl.losses` for the variants)."""
 
-    loss: str = "magistral"
+    loss: str = "magistral"  # a named variant of `rl.losses`; the next four replace its parts
+    advantage: str | None = None  # `rl.losses.ADVANTAGES`
+    aggregation: str | None = None  # `rl.losses.AGGREGATIONS`
+    filter_groups: bool | None = None  # drop groups without signal when forming batches
+    kl: bool | None = None  # a k3 KL term to the initial policy (needs kl_coef > 0)
     eps_low: float = 0.2
     eps_high: float = 0.28
     kl_coef: float = 0.0
@@ -41,6 +45,14 @@ class GRPOConfig:
     # have some, drawing more as needed: at most `max_draws` x prompts_per_step groups per step
     # (DAPO's max_num_gen_batches); a step that still lacks some trains on those it found.
     max_draws: int = 4
+
+    def variant(self):
+        """The objective (`rl.losses.Variant`): the named variant `loss` with the parts this
+        config replaces."""
+        from magistral_jax.rl.losses import get_variant
+
+        parts = ("advantage", "aggregation", "filter_groups", "kl")
+        return get_variant(self.loss, **{part: getattr(self, part) for part in parts})
 
 
 @dataclass(frozen=True)
@@ -188,10 +200,8 @@ class RunConfig:
                 f"{self.async_rl.max_async_ratio} x {n_batch}"
             )
         if self.kind == "grpo":
-            from magistral_jax.rl.losses import get_variant
-
             try:
-                variant = get_variant(g.loss)
+                variant = g.variant()
             except ValueError as e:
                 raise ConfigError(f"grpo.{e}") from None
             if variant.kl and not g.kl_coef > 0:
@@ -199,7 +209,7 @@ class RunConfig:
             if g.kl_coef and not variant.kl:
                 raise ConfigError(
                     f"grpo.kl_coef: {g.kl_coef}, but the {g.loss} objective has no KL term (no reference model is "
-                    "kept); set kl_coef to 0 or use grpo.loss=grpo"
+                    "kept); set kl_coef to 0, or add the term with grpo.kl=true"
                 )
         if self.init_checkpoint not in ("best", "latest") and not str(self.init_checkpoint).isdigit():
             raise ConfigError(f"init_checkpoint: best, latest or a step number expected, got {self.init_checkpoint!r}")

@@ -1,8 +1,8 @@
 """The training driver: builds a run from its config, resumes it, runs its steps, evaluates,
 checkpoints and logs.
 
-Steps: SFT here (`SFTStep`: cross-entropy on the answer tokens, mean over the batch's answer
-tokens); GRPO synchronously (`train.grpo.GRPOStep`) or asynchronously (`train.async_grpo`).
+Steps: SFT (`train.sft`), GRPO synchronously (`train.sync_grpo`) or asynchronously
+(`train.async_grpo`), both learning through `train.grpo`.
 
 Everything a step draws is a function of `(seed, step)` and of the data source's state, and the
 checkpoint holds parameters, optimizer state, step and data state, so a resumed run continues
@@ -38,11 +38,10 @@ from tqdm.auto import tqdm
 from magistral_jax.config import ConfigError
 from magistral_jax.data.procedural import Example, Source
 from magistral_jax.data.sources import make_source
-from magistral_jax.distributed import allgather_objects, global_max, global_sum, is_primary
+from magistral_jax.distributed import allgather_objects, is_primary
 from magistral_jax.train.build import build_trainer, model_config
 from magistral_jax.train.config import EvalConfig, RunConfig, to_dict
-from magistral_jax.train.grpo import GRPOLearner, GRPOStep, microbatch_rows, row_len
-from magistral_jax.train.packing import Item, pack_across_processes
+from magistral_jax.train.grpo import GRPOLearner
 from magistral_jax.train.run_dir import (
     Checkpoints,
     MetricsLog,
@@ -51,7 +50,9 @@ from magistral_jax.train.run_dir import (
     read_metrics,
     write_run_files,
 )
+from magistral_jax.train.sft import SFTStep
 from magistral_jax.train.step import Trainer
+from magistral_jax.train.sync_grpo import GRPOStep
 
 TIMING_METRICS = ("time_sampling", "time_scoring", "time_training", "time_step", "tokens_per_s")
 
@@ -72,31 +73,6 @@ class ProcessShard:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.source.restore(state)
-
-
-class SFTStep:
-    """One SFT step: cross-entropy on the answer tokens, mean over the batch's answer tokens."""
-
-    def __init__(self, cfg: RunConfig, trainer: Trainer):
-        self.cfg, self.trainer = cfg, trainer
-
-    def __call__(self, examples: list[Example], step: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        if any(e.answer is None for e in examples):
-            raise ConfigError("data: SFT needs examples with answers")
-        # With several processes, each holds its own examples; the mean is over the global batch.
-        total = global_sum(sum(len(e.answer) for e in examples))
-        items = [Item(tokens=e.prompt + e.answer, loss_start=len(e.prompt), weight=1.0 / total) for e in examples]
-        length = row_len(self.cfg, global_max(max(len(i.tokens) for i in items)))
-        packing = pack_across_processes(items, length, microbatch_rows(self.cfg, length, self.trainer))
-        metrics = self.trainer.train_step(packing.microbatches)
-        seconds = time.perf_counter() - t0
-        metrics.update(
-            padding_saved=packing.padding_saved,
-            time_training=seconds,
-            tokens_per_s=global_sum(sum(len(i.tokens) for i in items)) / seconds,
-        )
-        return metrics
 
 
 class Evaluator:
@@ -193,7 +169,7 @@ def run(
     the same on every process, is cut into per-process blocks) and the batch is split evenly
     over the processes.
     """
-    from magistral_jax.rl.rewards import RewardPool
+    from magistral_jax.rl.pool import RewardPool
 
     cfg_dict = to_dict(cfg)
     # A directory that holds another run is refused before anything is built.

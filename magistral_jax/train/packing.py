@@ -69,6 +69,27 @@ class Packing:
     padding_saved: float  # fraction of the tokens one-sequence-per-row batching would have padded
 
 
+def row_length(setting: int, longest: int) -> int:
+    """Slots per packed row: `setting` (a run's `row_len`), or with 0 the longest sequence rounded
+    up to a multiple of 64."""
+    return setting or max(64, math.ceil(longest / 64) * 64)
+
+
+def microbatch_rows(tokens: int, length: int, mesh, rules) -> int:
+    """Rows of a (global) microbatch of about `tokens` tokens in rows of `length`; with several
+    processes a multiple of the batch shards and processes, so each process holds its own block."""
+    import jax
+
+    from magistral_jax.sharding import batch_shards
+
+    rows = max(1, tokens // length)
+    count = jax.process_count()
+    if count == 1:
+        return rows
+    unit = math.lcm(batch_shards(mesh, rules), count)
+    return max(unit, rows // unit * unit)
+
+
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of item indices: items sorted by decreasing length, each into the first bin with room."""
     bins: list[list[int]] = []

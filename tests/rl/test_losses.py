@@ -104,8 +104,8 @@ def test_constant_groups_are_found():
     rewards = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5])
     groups = np.array([0, 0, 0, 1, 1, 1, 2, 2])
     assert constant_groups(rewards, groups).tolist() == [True] * 3 + [False] * 3 + [True] * 2
-    assert get_variant("magistral").filter_constant_groups and get_variant("dapo").filter_constant_groups
-    assert not get_variant("grpo").filter_constant_groups and not get_variant("dr_grpo").filter_constant_groups
+    assert get_variant("magistral").filter_groups and get_variant("dapo").filter_groups
+    assert not get_variant("grpo").filter_groups and not get_variant("dr_grpo").filter_groups
 
 
 # What the Magistral reward really gives: format 0.1, + 0.9 correct, + 0.1 language, minus a soft
@@ -157,3 +157,32 @@ def test_clip_higher_at_hand_worked_ratios():
 def test_unknown_variant():
     with pytest.raises(ValueError, match="unknown variant 'ppo'"):
         get_variant("ppo")
+
+
+def test_a_new_combination_of_registered_parts_is_configuration_only():
+    from magistral_jax.config import ConfigError
+    from magistral_jax.train.config import load_run_config
+
+    # DAPO's advantages with Dr. GRPO's constant-budget normaliser, from two keys of a run config.
+    cfg = load_run_config(None, ["kind=grpo", "grpo.loss=dapo", "grpo.aggregation=budget"])
+    variant = cfg.grpo.variant()
+    assert (variant.advantage, variant.aggregation, variant.filter_groups, variant.kl) == (
+        "group_normalized",
+        "budget",
+        True,
+        False,
+    )
+    rewards = np.array([0.1, 1.1, 1.0, 0.9, 0.1])
+    groups = np.array([0, 0, 0, 1, 1])
+    adv, weights = variant.fn(rewards, groups, np.array([3, 5, 4, 7, 2]), BUDGET)
+    g0, g1 = rewards[:3], rewards[3:]
+    want_adv = np.concatenate([(g0 - g0.mean()) / (g0.std() + 1e-8), (g1 - g1.mean()) / (g1.std() + 1e-8)])
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-12)
+    # 1 / (G_g * budget), and the mean over the two groups.
+    np.testing.assert_allclose(weights, [1 / (3 * BUDGET * 2)] * 3 + [1 / (2 * BUDGET * 2)] * 2, rtol=1e-12)
+    with pytest.raises(ConfigError, match=r"grpo\.advantage: unknown 'ppo'; registered: "):
+        load_run_config(None, ["kind=grpo", "grpo.advantage=ppo"])
+    # A KL term added to a variant without one needs its coefficient.
+    with pytest.raises(ConfigError, match="has a KL term and needs kl_coef"):
+        load_run_config(None, ["kind=grpo", "grpo.kl=true"])
+    assert load_run_config(None, ["kind=grpo", "grpo.kl=true", "grpo.kl_coef=0.01"]).grpo.variant().kl

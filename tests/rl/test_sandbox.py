@@ -24,7 +24,7 @@ import pytest
 import magistral_jax
 from magistral_jax.rl import magistral_rewards
 from magistral_jax.rl.magistral_rewards import code_correct, magistral
-from magistral_jax.rl.rewards import RewardPool
+from magistral_jax.rl.pool import RewardPool
 from magistral_jax.rl.sandbox import Limits, Sandbox, sandbox_mode
 
 # As root the sandbox's uid is one of its own, so "nothing left" can be checked by uid; the
@@ -650,7 +650,7 @@ def test_threads_sharing_a_pool_get_their_own_rewards_from_at_most_its_workers()
 
 POOL_PARENT = textwrap.dedent("""
     import json, os
-    from magistral_jax.rl.rewards import RewardPool
+    from magistral_jax.rl.pool import RewardPool
     pool = RewardPool("magistral", {"language_reward": False}, workers=2)
     def code(program, tests):
         return pool(["Add."] * 2, ["[THINK]Add.[/THINK]```python\\n" + program + "```"] * 2, task=["code"] * 2,

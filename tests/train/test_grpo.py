@@ -9,7 +9,9 @@ import pytest
 from magistral_jax.data.procedural import Example
 from magistral_jax.train.build import build_trainer
 from magistral_jax.train.config import load_run_config
-from magistral_jax.train.grpo import GRPOLearner, GRPOStep, Rollouts
+from magistral_jax.train.grpo import GRPOLearner
+from magistral_jax.train.rollouts import Rollouts
+from magistral_jax.train.sync_grpo import GRPOStep
 
 G = 3  # completions per prompt
 
