@@ -309,9 +309,14 @@ def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
     from magistral_jax.train.config import load_run_config
 
     run = tmp_path / "run.yaml"
-    run.write_text("kind: sft\noptimizer: {lr: 1e-3, eps: 1E-8}\ngrpo: {eps_high: .3}\nsteps: 1e3\n")
+    run.write_text(
+        "kind: sft\noptimizer: {lr: 1e-3, eps: 1E-8}\ngrpo: {eps_high: .3}\nsteps: 1e3\n"
+        "reward: {name: magistral, l_max: 4e3, tag: '1e3'}\n"
+    )
     cfg = load_run_config(str(run))
     assert (cfg.optimizer.lr, cfg.optimizer.eps, cfg.grpo.eps_high, cfg.steps) == (1e-3, 1e-8, 0.3, 1000)
+    # Free-form sections have no field types to convert to: the YAML reading itself must be right.
+    assert cfg.reward == {"name": "magistral", "l_max": 4000.0, "tag": "1e3"}
     model = tmp_path / "model.yaml"
     model.write_text("preset: tiny\ntext: {norm_eps: 1e-6, rope_theta: 1e6}\n")
     assert (mj.read_config(model).text.norm_eps, mj.read_config(model).text.rope_theta) == (1e-6, 1e6)
