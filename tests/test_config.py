@@ -339,6 +339,9 @@ def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
         ("model_overrides.text.n_layer=2", r"model_overrides\.text\.n_layer: unknown key"),
         ("grpo=4", r"grpo: a mapping is expected, got '4'"),
         ("steps.every=4", r"override 'steps\.every=4': steps is not a section"),
+        # Found by the fuzz test: integers beyond 64 bits overflowed float arithmetic in validation.
+        ("grpo.prompts_per_step=1e308", r"grpo\.prompts_per_step: '1e308' is out of range \(64-bit integers\)"),
+        (f"grpo.group_size={10**400}", r"grpo\.group_size: '1000+\.\.\. is out of range"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_type(override, message):

@@ -82,6 +82,18 @@ def test_index_listing_a_missing_shard(checkpoint):
         mj.load_model(checkpoint)
 
 
+def test_a_vision_config_over_text_only_weights_names_the_directory(checkpoint):
+    # Found by the fuzz test: the layout's error named neither the directory nor the config.
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    mistral3 = {"model_type": "mistral3", "text_config": cfg, "projector_hidden_act": "gelu"}
+    mistral3["vision_config"] = {**vision, "patch_size": 14, "image_size": 112, "hidden_act": "silu"}
+    (checkpoint / "config.json").write_text(json.dumps(mistral3))
+    message = f"{re.escape(str(checkpoint))}: the hf-text layout .* has no vision weights, but its config describes"
+    with pytest.raises(CheckpointError, match=message):
+        mj.load_model(checkpoint)
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         mj.load_model(tmp_path)
