@@ -113,7 +113,8 @@ class Model:
             )
 
 
-def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+def with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+    """`cfg` with parameters and compute in `dtype`; None keeps both as they are."""
     if dtype is None:
         return cfg
     dtype = canonical_dtype(dtype)
@@ -122,7 +123,7 @@ def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
 
 def init_model(cfg: ModelConfig, key: jax.Array | int = 0, mesh: Mesh | None = None, dtype: str | None = None) -> Model:
     """A model with random parameters, initialised directly in their shardings on `mesh`."""
-    cfg = _with_dtype(cfg, dtype)
+    cfg = with_dtype(cfg, dtype)
     key = jax.random.key(key) if isinstance(key, int) else key
     return Model(cfg, P.init(param_specs(cfg), key, cfg.param_dtype, mesh, cfg.rules), mesh)
 
@@ -134,28 +135,40 @@ def load_model(
     *,
     layout: str | None = None,
     progress: bool = False,
+    step: str | int = "best",
     check_finite: bool = False,
 ) -> Model:
     """Loads a checkpoint directory of any supported format.
 
     Formats: Hugging Face (`config.json` + safetensors, one file or shards with an index; text-only
-    or Mistral3 in either key layout), Mistral (`params.json` + `consolidated.safetensors`), and
-    this project's Orbax conversions (`magistral_config.json` + `params/`). Vision weights, where
-    present, are loaded too (under `params["vision"]` and `params["projector"]`).
+    or Mistral3 in either key layout), Mistral (`params.json` + `consolidated.safetensors`), this
+    project's Orbax conversions (`magistral_config.json` + `params/`), and training run directories
+    (the parameters alone of the checkpoint `step` names). Vision weights, where present, are
+    loaded too (under `params["vision"]` and `params["projector"]`).
 
     Args:
-      path: the checkpoint directory (relative or absolute).
+      path: the checkpoint or run directory (relative or absolute).
       mesh: where to place the parameters (sharded by the config's rules); default device if None.
       dtype: parameter and compute dtype (`bfloat16`, `float32`, ...); None keeps the
         checkpoint's own dtype for the parameters and computes in bfloat16.
       layout: force the format or layout (`orbax`, `mistral`, `hf-legacy`, `hf-new`, `hf-text`).
       progress: show a progress bar.
+      step: a run directory's checkpoint: `best` (its best evaluated one, else its latest), `latest`
+        or a step number.
       check_finite: refuse parameters holding NaN or Inf (a `CheckpointError` naming the tensor),
         as training from a checkpoint does; off by default, where a damaged checkpoint shows
         itself in the logits.
     """
     from magistral_jax.checkpoint.reader import load_params, open_checkpoint
+    from magistral_jax.checkpoint.runs import is_run_dir, load_run_params, run_model_config
 
+    if layout is None and is_run_dir(path):
+        stored = run_model_config(os.fspath(path))
+        cfg = with_dtype(stored, dtype)
+        params = load_run_params(path, stored, mesh, step)
+        if cfg.param_dtype != stored.param_dtype:
+            params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
+        return Model(cfg, params, mesh)
     ckpt = open_checkpoint(path, layout)
-    cfg = _with_dtype(ckpt.cfg, dtype)
+    cfg = with_dtype(ckpt.cfg, dtype)
     return Model(cfg, load_params(ckpt, cfg, mesh, progress=progress, check_finite=check_finite), mesh)

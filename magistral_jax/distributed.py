@@ -168,3 +168,20 @@ def allgather_objects(obj: Any) -> list[Any]:
     padded[: data.size] = data
     rows = allgather(padded)
     return [json.loads(row[:n].tobytes().decode()) for row, n in zip(rows, sizes, strict=True)]
+
+
+def concat_lists(values: list[Any]) -> list[Any]:
+    """Every process's list (JSON-serialisable items), concatenated in process order."""
+    if jax.process_count() == 1:
+        return list(values)
+    return [v for part in allgather_objects(list(values)) for v in part]
+
+
+def global_sum(x: float | int) -> float:
+    """The sum of every process's `x`."""
+    return x if jax.process_count() == 1 else allgather(x).sum().item()
+
+
+def global_max(x: float | int) -> float:
+    """The largest of every process's `x`."""
+    return x if jax.process_count() == 1 else allgather(x).max().item()

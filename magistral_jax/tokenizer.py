@@ -46,7 +46,24 @@ SYSTEM_PROMPTS: dict[str, str] = {
     ),
 }
 SYSTEM_PROMPTS["magistral-small-2507"] = SYSTEM_PROMPTS["magistral-small-2509"]
+# The prompt of the paper's RL runs (Fig. 2, "utilized for both mathematical and coding problems"),
+# in the `<think>` style. Unlike the 2506 card's chat prompt it does not forbid `\boxed{}`, which the
+# math format reward requires.
+SYSTEM_PROMPTS["magistral-rl"] = (
+    "A user will ask you to solve a task. You should first draft your thinking process (inner monologue) "
+    "until you have derived the final answer. Afterwards, write a self-contained summary of your thoughts "
+    "(i.e. your summary should be succinct but contain all the critical steps you needed to reach the "
+    "conclusion). You should use Markdown and Latex to format your response. Write both your thoughts and "
+    "summary in the same language as the task posed by the user.\n\nYour thinking process must follow the "
+    "template below:\n<think>\nYour thoughts or/and draft, like working through an exercise on scratch paper. "
+    "Be as casual and as long as you want until you are confident to generate a correct answer.\n</think>\n\n"
+    "Here, provide a concise summary that reflects your reasoning and presents a clear final answer to the "
+    "user.\n\nProblem:"
+)
+# What `generate` says by default (the model cards' prompts) and what training data uses by default
+# (the same where it agrees with the reward's format; the paper's RL prompt for the `<think>` style).
 DEFAULT_SYSTEM_PROMPT = {"think_tokens": "magistral-small-2509", "think_tags": "magistral-small-2506"}
+TRAINING_SYSTEM_PROMPT = {"think_tokens": "magistral-small-2509", "think_tags": "magistral-rl"}
 
 Style = Literal["think_tokens", "think_tags"]
 
@@ -140,6 +157,9 @@ class Tokenizer:
 
     def default_system_prompt(self) -> str:
         return SYSTEM_PROMPTS[DEFAULT_SYSTEM_PROMPT[self.style]]
+
+    def training_system_prompt(self) -> str:
+        return SYSTEM_PROMPTS[TRAINING_SYSTEM_PROMPT[self.style]]
 
     def encode_chat(self, messages: list[dict[str, str]] | str, system_prompt: str | None = None) -> list[int]:
         """Token ids of a chat ready for the assistant's turn.
@@ -264,9 +284,12 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return Tokenizer(path)
 
 
-def write_standin_tekken(path: str | os.PathLike[str]) -> str:
+def write_standin_tekken(path: str | os.PathLike[str], vocab_size: int = 131072) -> str:
     """Writes a Tekken v13 tokenizer built from the vocabulary inside the mistral-common wheel, with
     Magistral's control tokens (`[THINK]` 34, `[/THINK]` 35) and image settings; returns its path.
+
+    `vocab_size` below Magistral's 131,072 keeps the 1,000 control tokens and the first merges (the
+    256 bytes included, so any text still encodes), for tiny test models.
 
     A stand-in for tests and demos (recipe: reference/architecture-and-checkpoints.md, section 9).
     It reproduces the documented Magistral 2507 id sequences, but whether its BPE table equals
@@ -283,6 +306,9 @@ def write_standin_tekken(path: str | os.PathLike[str]) -> str:
     with open(src) as f:
         d = json.load(f)
     d["config"]["version"] = "v13"
+    if not 1256 <= vocab_size <= 131072:
+        raise TokenizerError(f"vocab_size {vocab_size}: 1256 (control tokens and bytes) to 131072 expected")
+    d["config"]["default_vocab_size"] = vocab_size
     named = {
         t["rank"]: str(getattr(t["token_str"], "value", t["token_str"])) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS
     }
@@ -334,6 +360,9 @@ class SubsetTokenizer:
 
     def default_system_prompt(self) -> str:
         return self.base.default_system_prompt()
+
+    def training_system_prompt(self) -> str:
+        return self.base.training_system_prompt()
 
     def encode_chat(self, messages: list[dict[str, str]] | str, system_prompt: str | None = None) -> list[int]:
         return self._small(self.base.encode_chat(messages, system_prompt))

@@ -4,9 +4,10 @@ import json
 
 import pytest
 from helpers import run_cli
-from test_evaluation import PROBLEMS, SAMPLES
+from test_evaluation import PROBLEMS, SAMPLES, sample
 
 from magistral_jax.cli import evaluate, main
+from magistral_jax.data.problems import ProblemSet
 
 PROBLEMS_ROWS = [
     {"id": "m1", "problem": "Tom has 3 apples and gets 4 more. How many apples does Tom have now?", "answer": "7"},
@@ -78,7 +79,9 @@ def test_score_refuses_bad_completion_files(tmp_path):
 
 @pytest.fixture
 def fake_sampling(monkeypatch):
-    monkeypatch.setattr(evaluate, "_sample", lambda args: (PROBLEMS, SAMPLES))
+    monkeypatch.setattr(evaluate, "_problems", lambda args, path, benchmark: ProblemSet(list(PROBLEMS)))
+    monkeypatch.setattr(evaluate, "_open", lambda args: None)
+    monkeypatch.setattr(evaluate, "_sample", lambda args, opened, s: SAMPLES)
 
 
 def test_filter_keeps_the_band(tmp_path, fake_sampling, capsys):
@@ -117,3 +120,110 @@ def test_eval_end_to_end_on_a_random_checkpoint(tekken_checkpoint, tmp_path):
     # a random model never opens a thinking block: the figures follow from the samples
     assert report["format"] == sum(s["components"]["format"] > 0 for s in samples) / 6
     assert report["pass@1"] == 0.0 and all(s["reason"].startswith("format:") for s in samples)
+
+
+def _benchmark_files(tmp_path):
+    aime = write_jsonl(
+        tmp_path / "aime24.jsonl", [{"id": i, "problem": f"Find {i}.", "answer": f"0{i}"} for i in (1, 2)]
+    )
+    gpqa = tmp_path / "gpqa.csv"
+    gpqa.write_text(
+        "Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3,Record ID\n"
+        "Which?,yes,no,maybe,never,rec1\n",
+        encoding="utf-8",
+    )
+    tests = json.dumps([{"input": "1\n", "output": "2\n", "testtype": "stdin"}])
+    lcb = write_jsonl(tmp_path / "lcb.jsonl", [{"question_id": "q", "question_content": "Add one.",
+                                               "public_test_cases": tests, "private_test_cases": "[]"}])  # fmt: skip
+    return aime, gpqa, lcb
+
+
+def test_eval_benchmarks_follow_the_protocol_and_print_the_papers_table(tmp_path, monkeypatch, capsys):
+    aime, gpqa, lcb = _benchmark_files(tmp_path)
+    seen = {}
+
+    def fake_sample(args, opened, s):  # hand-made scored samples per benchmark
+        seen[s.name] = (s.k, s.max_new_tokens, s.reward, args.temperature, args.top_p)
+        if s.benchmark == "aime24":  # problem 1: 1 of 4 correct but "01" and "1" win the vote; problem 2: 0 of 4
+            boxed = [("01", True), ("1", True), ("7", False), ("1.0", True)], [("3", False)] * 4
+            return [sample(i, b, c) for i, group in enumerate(boxed) for b, c in group]
+        if s.benchmark == "gpqa-diamond":
+            return [sample(0, "B", False), sample(0, "C", True), sample(0, "B", False)]
+        return [sample(0, None, True), sample(0, None, False)]
+
+    monkeypatch.setattr(evaluate, "_open", lambda args: None)
+    monkeypatch.setattr(evaluate, "_sample", fake_sample)
+    out = tmp_path / "ev"
+    argv = ["eval", "--checkpoint", "ckpts/m2509", "--out", str(out)]
+    for name, path in (("aime24", aime), ("gpqa-diamond", gpqa), ("livecodebench-v5", lcb)):
+        argv += ["--benchmark", name, "--data", str(path)]
+    assert main(argv) == 0
+    # the paper's protocol: temperature 0.7, top-p 0.95, 40,960 tokens, k 64 (AIME) and 16
+    assert seen == {
+        "aime24": (64, 40960, {}, 0.7, 0.95),
+        "gpqa-diamond": (16, 40960, {}, 0.7, 0.95),
+        "livecodebench-v5": (16, 40960, {"max_tests": 1 << 30}, 0.7, 0.95),
+    }
+    report = json.loads((out / "report.json").read_text())
+    aime_r, gpqa_r, lcb_r = (report["benchmarks"][n] for n in ("aime24", "gpqa-diamond", "livecodebench-v5"))
+    assert aime_r["pass@1"] == pytest.approx((3 / 4 + 0) / 2) and aime_r["maj@64"] == 0.5
+    assert gpqa_r["pass@1"] == pytest.approx(1 / 3) and gpqa_r["maj@16"] == 0.0
+    assert lcb_r["pass@1"] == 0.5 and lcb_r["maj@16"] is None  # code has no vote
+    assert aime_r["per_language"] == {} and report["temperature"] == 0.7 and report["top_p"] == 0.95
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    # one row per checkpoint, one column per figure, as the paper's table
+    assert header.split() == ["AIME'24", "pass@1", "AIME'24", "maj@64", "GPQA", "Diamond", "pass@1", "GPQA",
+                              "Diamond", "maj@16", "LiveCodeBench", "v5", "pass@1"]  # fmt: skip
+    assert row.split() == ["m2509", "37.50", "50.00", "33.33", "0.00", "50.00"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["benchmark"] for r in rows].count("aime24") == 8 and rows[0]["id"] == "1"
+    seen.clear()
+    argv += ["--k", "4", "--max-new-tokens", "100", "--top-p", "1.0", "--overwrite"]
+    assert main(argv) == 0 and seen["aime24"] == (4, 100, {}, 0.7, 1.0)
+
+
+def test_eval_checks_its_output_before_sampling(tmp_path, monkeypatch, capsys):
+    def must_not_run(args):
+        raise AssertionError("the checkpoint was opened before --out was checked")
+
+    monkeypatch.setattr(evaluate, "_open", must_not_run)
+    (tmp_path / "a-file").write_text("")
+    data = write_jsonl(tmp_path / "p.jsonl", PROBLEMS_ROWS)
+    base = ["eval", "--checkpoint", "x", "--data", str(data), "--out"]
+    assert main([*base, str(tmp_path / "a-file" / "ev")]) == 1
+    assert f"--out {tmp_path}/a-file/ev: not writable (Not a directory)" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "a-file")]) == 1
+    assert "is a file; a directory is expected" in capsys.readouterr().err
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "report.json").write_text("{}")
+    assert main([*base, str(tmp_path / "ev")]) == 1
+    assert "holds a report already; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "ev" / "report.json").read_text() == "{}"
+
+
+def test_eval_overwrites_a_report_only_when_asked(tmp_path, fake_sampling):
+    argv = ["eval", "--checkpoint", "x", "--data", "x", "--k", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0 and main(argv) == 1
+    (tmp_path / "report.json").write_text("{}")
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["maj@3"] == pytest.approx(0.5)
+
+
+def test_score_reads_mapped_columns_and_refuses_files_that_are_not_utf8(tmp_path, capsys):
+    gsm = write_jsonl(
+        tmp_path / "gsm8k.jsonl", [{"question": PROBLEMS_ROWS[0]["problem"], "answer": "3 + 4 = 7\n#### 7"}]
+    )
+    comps = tmp_path / "c.jsonl"
+    comps.write_text(json.dumps({"id": "gsm8k.jsonl line 1", "completion": COMPLETIONS[0][0]["completion"]}) + "\n")
+    argv = ["score", "--data", str(gsm), "--field", "problem=question", "--answer-format", "gsm8k", "--workers", "0",
+            "--completions", str(comps), "--out", str(tmp_path / "s.jsonl")]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "s.jsonl").read_text())["reward"] == pytest.approx(1.1)
+    comps.write_bytes(comps.read_bytes() + b'{"id": "gsm8k.jsonl line 1", "completion": "\xff"}\n')
+    assert main([*argv[:-2], "--out", str(tmp_path / "s2.jsonl")]) == 1
+    assert "c.jsonl line 2: not UTF-8 (byte 0xff at column 45)" in capsys.readouterr().err
+    gsm.write_bytes(gsm.read_bytes().replace(b"#### 7", b"#### 7\xe9"))
+    assert main([*argv[:-2], "--out", str(tmp_path / "s3.jsonl")]) == 1
+    assert "gsm8k.jsonl line 1: not UTF-8" in capsys.readouterr().err
+    assert main([*argv, "--field", "question"]) == 1
+    assert "--field 'question': FIELD=COLUMN is expected" in capsys.readouterr().err

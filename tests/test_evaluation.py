@@ -3,7 +3,7 @@
 import pytest
 
 from magistral_jax.data.problems import Problem
-from magistral_jax.evaluation import Sample, majority_correct, pass_rates, summarize, thinking_length
+from magistral_jax.evaluation import Sample, answer_classes, majority_correct, pass_rates, summarize, thinking_length
 from magistral_jax.tokenizer import load_tokenizer, write_standin_tekken
 
 
@@ -66,3 +66,20 @@ def test_thinking_length_in_tokens(tmp_path):
     assert thinking_length(tok, [tok.think_id, *inner, tok.end_think_id, *answer]) == len(inner)
     assert thinking_length(tok, [tok.think_id, *inner]) == len(inner)  # never closed
     assert thinking_length(tok, answer) == 0
+
+
+def test_answers_vote_together_when_the_verifier_finds_them_equal():
+    answers = ["0.5", "1/2", "\\frac{1}{2}", "2/3", "042", "42", " 0.5 ", "B", "(B)", "\\text{B}", "A"]
+    assert answer_classes(answers) == [0, 0, 0, 1, 2, 2, 0, 3, 3, 3, 4]
+    # by string, "41" would win (2 votes to 1 each); by value 42 has 3 votes
+    votes = [sample(0, "042", True), sample(0, "41", False), sample(0, "42", True), sample(0, "41", False)]
+    assert majority_correct([*votes, sample(0, "42.0", True)]) is True
+    # three spellings of one wrong value outvote two of the right one
+    half = [sample(0, a, False) for a in ("0.5", "1/2", "\\frac{1}{2}")]
+    assert majority_correct([sample(0, "2/3", True), *half, sample(0, "\\frac{2}{3}", True)]) is False
+
+
+def test_sets_without_languages_have_no_per_language_rows():
+    problems = [Problem(id=str(i), problem="?", answer="1") for i in range(2)]
+    report = summarize(problems, [sample(0, "1", True), sample(1, "2", False)], k=1)
+    assert report["per_language"] == {} and report["pass@1"] == 0.5 and report["maj@1"] == 0.5

@@ -16,9 +16,9 @@ import os
 import sys
 import warnings
 
-from magistral_jax.cli import bench, convert, demo, evaluate, generate, plan, score, train
+from magistral_jax.cli import bench, convert, demo, evaluate, export, generate, plan, score, train
 
-_COMMANDS = (demo, convert, generate, train, score, evaluate, bench, plan)
+_COMMANDS = (demo, convert, generate, train, export, score, evaluate, bench, plan)
 CACHE_ENV = "MAGISTRAL_COMPILATION_CACHE"
 # Programs that compile faster than this are not worth a cache entry (JAX's default is 1 s, which
 # would leave out every program of a small model).

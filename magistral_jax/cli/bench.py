@@ -78,6 +78,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print the results as one JSON object")
     t.set_defaults(run=run_train)
     r.set_defaults(run=run_rl)
+    sc = benches.add_parser(
+        "score",
+        help="code-reward throughput: sandboxed Python and C++ tests per second",
+        description=(
+            "Scores correct a + b programs with the Magistral code reward (rl.magistral_rewards.code_correct: "
+            "each completion in a fresh sandbox, every test a separate run under the paper's limits), one after "
+            "the other in this process: --completions Python programs and --completions C++ programs (each "
+            "compiled as C++20 first), --tests tests each. Reports tests per second (the C++ figure counts the "
+            "compilation) and the mean time of a C++ completion with one test (mostly its compile); best of "
+            "--repeats rounds."
+        ),
+    )
+    sc.add_argument("--completions", type=int, default=4, help="completions per language (default 4)")
+    sc.add_argument("--tests", type=int, default=20, help="tests per completion (default 20, the paper's cap)")
+    sc.add_argument("--repeats", type=int, default=3, help="rounds (default 3, best kept)")
+    sc.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    sc.set_defaults(run=run_score)
 
 
 def _generate(cfg, directory: str) -> None:
@@ -489,4 +506,50 @@ def run_rl(args: argparse.Namespace) -> int:
             f"async / sync: {results['ratio']}x; policy lag mean {a['policy_lag_mean']} max {a['policy_lag_max']}; "
             f"weight push <= {a['weight_push_s']} s; trainer busy {100 * a['trainer_utilisation']:.0f}% of the time"
         )
+    return 0
+
+
+SCORE_PROGRAMS = {
+    "python": "a, b = map(int, input().split())\nprint(a + b)\n",
+    "cpp": "#include <iostream>\nint main() { long a, b; std::cin >> a >> b; std::cout << a + b << std::endl; }\n",
+}
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from magistral_jax.rl.magistral_rewards import code_correct
+    from magistral_jax.rl.sandbox import SandboxError
+
+    if args.completions < 1 or args.tests < 1 or args.repeats < 1:
+        raise ValueError("bench score: --completions, --tests and --repeats must be positive")
+    tests = [{"input": f"{i} {2 * i + 1}\n", "output": f"{3 * i + 1}\n"} for i in range(args.tests)]
+    languages = ["python"] + (["cpp"] if shutil.which("g++") else [])
+    results: dict = {"machine": _machine(), "completions": args.completions, "tests": args.tests}
+    for language in languages:
+        answer = f"```{language}\n{SCORE_PROGRAMS[language]}```"
+        best = float("inf")
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for seed in range(args.completions):
+                ok, reason = code_correct(answer, tests, seed, max_tests=args.tests)
+                if not ok:
+                    raise SandboxError(f"bench score: the correct {language} program failed: {reason}")
+            best = min(best, time.perf_counter() - start)
+        runs = args.completions * args.tests
+        results[language] = {"tests_per_s": round(runs / best, 2), "seconds": round(best, 2)}
+    if "cpp" in results:
+        # The compilation's share: a completion with a single test is mostly its compile.
+        one = [tests[0]]
+        answer = f"```cpp\n{SCORE_PROGRAMS['cpp']}```"
+        start = time.perf_counter()
+        for seed in range(args.completions):
+            code_correct(answer, one, seed, max_tests=1)
+        results["cpp"]["compile_and_one_test_s"] = round((time.perf_counter() - start) / args.completions, 3)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"machine: {results['machine']}; {args.completions} completions x {args.tests} tests per language")
+        for language in languages:
+            r = results[language]
+            extra = f"; compile + 1 test {r['compile_and_one_test_s']} s" if language == "cpp" else ""
+            print(f"{language:>6}: {r['tests_per_s']} tests/s ({r['seconds']} s){extra}")
     return 0

@@ -72,7 +72,14 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="checkpoint directory: any format load_model reads, or a training run directory (latest checkpoint)",
+        help="checkpoint directory: any format load_model reads, or a training run directory (its --step checkpoint, "
+        "with the tokenizer and system prompt it was trained with)",
+    )
+    p.add_argument(
+        "--step",
+        default="best",
+        help="for a training run directory: best (the best evaluated checkpoint, else the latest), latest, or a "
+        "step number (default best)",
     )
     p.add_argument(
         "--system-prompt",
@@ -91,30 +98,31 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
 def open_for_sampling(args: argparse.Namespace):
     """(model, tokenizer, system prompt) from the options of `add_checkpoint_options`."""
     from magistral_jax import load_model
+    from magistral_jax.checkpoint.runs import FILES, RUN_CONFIG, is_run_dir
     from magistral_jax.sharding import make_mesh, parse_mesh
-    from magistral_jax.tokenizer import load_tokenizer
-    from magistral_jax.train.loop import is_run_dir, load_run_model
+    from magistral_jax.tokenizer import TOKENIZER_FILES, load_tokenizer
 
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: not a directory")
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
-    tokenizer_path = args.tokenizer
+    tokenizer_path, side_files = args.tokenizer, args.checkpoint
     if is_run_dir(args.checkpoint):
-        from magistral_jax.train.config import load_run_config
+        # The tokenizer and system prompt the run trained with, else (older runs) its config's tokenizer.
+        side_files = os.path.join(args.checkpoint, FILES)
+        if tokenizer_path is None and not any(os.path.exists(os.path.join(side_files, f)) for f in TOKENIZER_FILES):
+            from magistral_jax.train.config import load_run_config
 
-        tokenizer_path = tokenizer_path or load_run_config(os.path.join(args.checkpoint, "config.yaml")).tokenizer
-        if tokenizer_path is None:
-            raise ValueError(f"{args.checkpoint}: the run config names no tokenizer; pass --tokenizer FILE")
-        model = load_run_model(args.checkpoint)
-    else:
-        model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype)
-    tokenizer = load_tokenizer(tokenizer_path or args.checkpoint)
+            tokenizer_path = load_run_config(os.path.join(args.checkpoint, RUN_CONFIG)).tokenizer
+            if tokenizer_path is None:
+                raise ValueError(f"{args.checkpoint}: the run names no tokenizer; pass --tokenizer FILE")
+    model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype, step=args.step)
+    tokenizer = load_tokenizer(tokenizer_path or side_files)
     if tokenizer.vocab_size > model.cfg.text.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.cfg.text.vocab_size}: "
             "they do not belong together"
         )
-    return model, tokenizer, _system_prompt(args.system_prompt, args.checkpoint, tokenizer)
+    return model, tokenizer, _system_prompt(args.system_prompt, side_files, tokenizer)
 
 
 def check_sampling_options(args: argparse.Namespace) -> None:

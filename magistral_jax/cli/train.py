@@ -90,11 +90,12 @@ def run_plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from magistral_jax.train.run_dir import read_metrics
+
     path = os.path.join(args.run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise ValueError(f"{path}: no metrics to plot")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(path)  # a torn last line (a run killed mid-write) is left out
     if not rows:
         raise ValueError(f"{path}: empty")
     names = args.metrics or sorted(
@@ -112,7 +113,7 @@ def run_plot(args: argparse.Namespace) -> int:
         ax.set_ylabel(name)
         ax.set_title(f"{os.path.basename(os.path.abspath(args.run_dir))}: {name}")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
+        fig.savefig(os.path.join(out, f"{name.replace('/', '_')}.png"), dpi=110)
         plt.close(fig)
     print(f"wrote {len(names)} plots to {out}")
     return 0

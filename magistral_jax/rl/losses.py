@@ -67,12 +67,26 @@ def get_variant(name: str) -> Variant:
 
 
 def _group_stats(rewards: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per sequence: its group's mean reward, reward std and size."""
+    """Per sequence: its group's mean reward, reward std and size.
+
+    A group whose rewards are all equal gets exactly that reward as its mean and exactly 0 as its
+    std: the float sum of G copies of 0.1 divided by G is not always 0.1 again, and a std of 1e-17
+    would keep a group without signal alive and scale its advantages by 1e9 / EPS.
+    """
     _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, rewards)
-    means = sums / counts
-    var = np.bincount(inverse, (rewards - means[inverse]) ** 2) / counts
+    lows, highs = _extremes(rewards, inverse, len(counts))
+    constant = lows == highs
+    means = np.where(constant, lows, np.bincount(inverse, rewards) / counts)
+    var = np.where(constant, 0.0, np.bincount(inverse, (rewards - means[inverse]) ** 2) / counts)
     return means[inverse], np.sqrt(var)[inverse], counts[inverse].astype(np.float64)
+
+
+def _extremes(rewards: np.ndarray, inverse: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n] lowest and highest reward of each group."""
+    lows, highs = np.full(n, np.inf), np.full(n, -np.inf)
+    np.minimum.at(lows, inverse, rewards)
+    np.maximum.at(highs, inverse, rewards)
+    return lows, highs
 
 
 def _group_lengths(lengths: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -111,9 +125,10 @@ def dr_grpo(rewards, groups, lengths, budget):
 
 
 def constant_groups(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """True for sequences whose group's rewards are all equal (zero advantage, no signal)."""
-    _, std, _ = _group_stats(rewards, groups)
-    return std == 0
+    """True for sequences whose group's rewards are all equal (max == min: zero advantage, no signal)."""
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    lows, highs = _extremes(np.asarray(rewards, np.float64), inverse, len(counts))
+    return (lows == highs)[inverse]
 
 
 def token_losses(logp, old_logp, advantages, eps_low: float, eps_high: float):

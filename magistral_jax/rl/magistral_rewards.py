@@ -19,13 +19,22 @@ Code: the first fenced block of the answer runs against up to `max_tests` of the
 whitespace), the same subset for every completion of a group (chosen by the `test_seed` field),
 each in the sandbox (`rl.sandbox`) with 4 s and 300 MB; C++ is compiled as C++20 within 10 s.
 
-Language: LaTeX, code blocks and inline code are removed from each part; parts with fewer than
-`MIN_LETTERS` letters left are too short to identify and are skipped; the rest are classified by
-lingua (which ships its model) among `languages`, and must all agree.
+Language: LaTeX, code blocks and inline code are removed from each part, and each is classified by
+lingua (which ships its model) among `languages`; the bonus needs all three identified and in one
+language (a part with fewer than `MIN_LETTERS` letters left cannot be identified: no bonus). A part
+longer than three `SAMPLE_CHARS` windows is classified by its start, middle and end.
+
+Bounds: every component's work is bounded (a completion is hostile input). The language check
+reads at most three windows per part; a boxed answer longer than `MAX_BOXED_CHARS` is wrong
+without parsing, and math-verify's own time limits (5 s a step) hold in a process's main thread;
+code runs under the sandbox's limits per test and compile. A test without string `input` and
+`output` is an error (it would pass any program). `RewardPool` adds a time limit per completion
+when it scores in worker processes (a worker past it is killed).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -38,6 +47,8 @@ from magistral_jax.rl.sandbox import Limits, Sandbox
 
 FORMAT, CORRECT, LANGUAGE, MAX_PENALTY = 0.1, 0.9, 0.1, 0.1
 MIN_LETTERS = 10
+MAX_BOXED_CHARS = 1000  # longer boxed answers are wrong without parsing (symbolic parsing is superlinear)
+SAMPLE_CHARS = 1000  # the language of a longer part is told from three windows of this size
 LANGUAGES = ("english", "french", "spanish", "italian", "german", "chinese", "russian")
 TAGS = {"think_tokens": ("[THINK]", "[/THINK]"), "think_tags": ("<think>", "</think>")}
 STYLE_ALIASES = {
@@ -87,7 +98,7 @@ def math_correct(answer_text: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     boxed = last_boxed(answer_text)
-    if boxed is None:
+    if boxed is None or len(boxed) > MAX_BOXED_CHARS:
         return False
     # math-verify's timeouts use signal.alarm, which only the main thread may set; elsewhere it
     # refuses to run at all unless they are off (reward pools score in worker processes' main
@@ -110,11 +121,21 @@ def _normalise_output(text: str) -> list[str]:
     return lines
 
 
+def check_tests(tests: Sequence[Any]) -> None:
+    """Every test is a dict with string `input` and `output`: a test without an expected output
+    would pass any program."""
+    for k, test in enumerate(tests):
+        if not isinstance(test, dict) or not all(isinstance(test.get(key), str) for key in ("input", "output")):
+            got = sorted(test) if isinstance(test, dict) else type(test).__name__
+            raise ValueError(f"code tests: tests[{k}] needs string `input` and `output`, got {got}")
+
+
 def code_correct(
     answer_text: str, tests: Sequence[dict[str, str]], seed: int, max_tests: int = 20, limits: Limits | None = None
 ) -> tuple[bool, str | None]:
     """Runs the first fenced block against a seeded subset of `tests`; (all passed, reason)."""
     limits = limits or Limits()
+    check_tests(tests)
     match = FENCE.search(answer_text)
     if match is None:
         return False, "code: no fenced block"
@@ -126,28 +147,31 @@ def code_correct(
     chosen = list(tests)
     if len(chosen) > max_tests:
         chosen = random.Random(seed).sample(chosen, max_tests)
-    with Sandbox() as box:
+    compiler = None
+    if language == "cpp":
+        compiler = shutil.which("g++")
+        if compiler is None:
+            return False, "code: no C++ compiler on this machine"
+        compiler = os.path.realpath(compiler)
+    with Sandbox(tools=[compiler] if compiler else []) as box:
         if language == "python":
-            box.write("main.py", match.group(2))
-            argv = [box.python, "-I", "main.py"]
+            argv = [box.python, "-I", box.write("main.py", match.group(2))]
         else:
-            compiler = shutil.which("g++")
-            if compiler is None:
-                return False, "code: no C++ compiler on this machine"
-            box.write("main.cpp", match.group(2))
+            source = box.write("main.cpp", match.group(2))
             built = box.run(
-                [compiler, "-std=c++20", "-O2", "-o", "main", "main.cpp"],
+                [compiler, "-std=c++20", "-O2", "-o", box.path("main"), source],
                 "",
                 Limits(timeout=10.0, memory_mb=2048, processes=64, open_files=256),
+                writable=True,
             )
             if not built.ok:
                 return False, f"code: compilation failed ({built.reason})"
             argv = [box.path("main")]
         for k, test in enumerate(chosen):
-            result = box.run(argv, str(test.get("input", "")), limits)
+            result = box.run(argv, test["input"], limits)
             if not result.ok:
                 return False, f"code: test {k + 1}/{len(chosen)}: {result.reason}"
-            if _normalise_output(result.stdout) != _normalise_output(str(test.get("output", ""))):
+            if _normalise_output(result.stdout) != _normalise_output(test["output"]):
                 return False, f"code: test {k + 1}/{len(chosen)}: wrong output"
     return True, None
 
@@ -171,6 +195,20 @@ def strip_latex_and_code(text: str) -> str:
     return _LATEX.sub(" ", _CODE.sub(" ", text))
 
 
+def language_sample(text: str) -> list[str]:
+    """`text`, or for a longer text its start, middle and end (`SAMPLE_CHARS` each): classifying a
+    part then costs the same at any length (LaTeX removal is quadratic on some inputs, the
+    classifier linear). A window that starts inside a fenced block gets the opening fence back,
+    so that the block is still removed."""
+    if len(text) <= 3 * SAMPLE_CHARS:
+        return [text]
+    windows = []
+    for start in (0, (len(text) - SAMPLE_CHARS) // 2, len(text) - SAMPLE_CHARS):
+        inside_code = text.count("```", 0, start) % 2 == 1
+        windows.append(("```" if inside_code else "") + text[start : start + SAMPLE_CHARS])
+    return windows
+
+
 _DETECTORS: dict[tuple[str, ...], Any] = {}
 
 
@@ -179,7 +217,7 @@ def detect_language(text: str, languages: Sequence[str] = LANGUAGES) -> str | No
     `MIN_LETTERS` letters are left to identify it by."""
     from lingua import Language, LanguageDetectorBuilder
 
-    cleaned = strip_latex_and_code(text)
+    cleaned = "\n".join(strip_latex_and_code(window) for window in language_sample(text))
     # A CJK character says about as much as a short word.
     letters = sum(4 if "\u4e00" <= ch <= "\u9fff" else 1 for ch in cleaned if ch.isalpha())
     if letters < MIN_LETTERS:
@@ -198,13 +236,38 @@ def detect_language(text: str, languages: Sequence[str] = LANGUAGES) -> str | No
 def language_consistent(
     problem: str, thinking: str, answer: str, languages: Sequence[str] = LANGUAGES
 ) -> tuple[bool, str]:
+    """Whether problem, thinking and answer are all in one language, and what was found.
+
+    The paper grants the bonus "if ... all three parts used the same language": each part must be
+    identified. A part with fewer than `MIN_LETTERS` letters once LaTeX and code are removed (a bare
+    `\\boxed{42}` answer, a thinking block of formulas only) cannot be, so it earns no bonus;
+    skipping it would let a completion collect the bonus by leaving parts without words.
+    """
     found = {
         part: detect_language(text, languages)
         for part, text in (("problem", problem), ("thinking", thinking), ("answer", answer))
     }
-    named = {k: v for k, v in found.items() if v is not None}
-    agree = len(set(named.values())) == 1
-    return agree, ", ".join(f"{k}: {v or '-'}" for k, v in found.items())
+    agree = None not in found.values() and len(set(found.values())) == 1
+    return agree, ", ".join(f"{k}: {v or 'too short to identify'}" for k, v in found.items())
+
+
+def prompt_conflicts(system_prompt: str | None, style: str) -> str | None:
+    """Why a system prompt contradicts the math format this reward grades (None when it does not):
+    it asks for the other style's thinking tags, or forbids `\\boxed{}`. A run whose model obeyed
+    such a prompt would score 0 on every answer."""
+    if not system_prompt:
+        return None
+    style = STYLE_ALIASES[style]
+    opening, closing = TAGS[style]
+    for other, (other_open, other_close) in TAGS.items():
+        if other != style and other_open in system_prompt and opening not in system_prompt:
+            return (
+                f"the system prompt asks for {other_open}...{other_close}, the reward (style {style}) grades "
+                f"{opening}...{closing}"
+            )
+    if re.search(r"\b(never|not|don't|dont)\b[^.\n]{0,20}\buse\s+\\boxed", system_prompt, re.IGNORECASE):
+        return "the system prompt forbids \\boxed{}, where the reward reads math answers"
+    return None
 
 
 @register_reward("magistral")

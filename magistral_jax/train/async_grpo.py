@@ -7,18 +7,22 @@ The devices are split into two disjoint sets (`async_rl.generator_devices` then
   `ContinuousBatcher`: every `async_rl.chunk` decode steps, finished sequences leave their slot and
   new prompts take it. When all samples of a group have finished, the group goes to a verifier
   thread (which scores it with the run's reward pool) and then into the queue.
-- The trainer (the calling thread) takes the oldest `prompts_per_step` scored groups of the queue,
-  trains on them exactly as the synchronous step does (`GRPOStep.update`: filtering, minibatches,
-  advantages, packing; the sampler's log-probabilities are the loss's pi_old) and pushes the new
-  weights to the generator mesh (`jax.device_put`, device to device). The generator swaps them in
+- The trainer (the calling thread) takes scored groups from the queue, oldest first, until it holds
+  `prompts_per_step` groups with signal (for variants that drop the others; at most `max_draws x
+  prompts_per_step` groups a step), trains on them exactly as the synchronous step does
+  (`train.grpo`: minibatches, advantages, packing; the sampler's log-probabilities are the loss's
+  pi_old) and pushes the new weights to the generator mesh (`jax.device_put`, device to device).
+  Groups without signal are consumed, not trained: they count as drawn in the metrics and in the
+  data ledger. The generator swaps them in
   between two decode chunks; in-flight sequences keep their KV cache, and every token records the
   policy version it was drawn from.
 - The queue is bounded by `async_rl.max_async_ratio`: a group is admitted to generation only while
   the completions generating, being scored and waiting in the queue stay within `ratio * n_batch`
   (n_batch = prompts_per_step * group_size). This bounds how stale a trained token can be, and
   makes the generator wait (for room, not for weights) when the trainer is the bottleneck.
-- Every admitted group is trained once, in the order the groups finish: none is dropped for being
-  slow, so the lengths of trained completions follow those generated (no bias toward short ones).
+- Every admitted group with signal is trained once, in the order the groups finish: none is dropped
+  for being slow, so the lengths of trained completions follow those generated (no bias toward
+  short ones).
 
 Metrics (beside the trainer's, per step): `policy_lag_mean` / `policy_lag_max` (trainer version
 minus the version of each trained token), `queue_depth` (completions waiting when the trainer took
@@ -54,7 +58,9 @@ import numpy as np
 
 from magistral_jax.config import ConfigError
 from magistral_jax.data.procedural import Example
+from magistral_jax.distributed import allgather, allgather_objects
 from magistral_jax.sampling.continuous import ContinuousBatcher, Finished, Request
+from magistral_jax.train.grpo import GRPOLearner, Rollouts, budget, gather
 
 
 @dataclass
@@ -227,8 +233,6 @@ class Generator(threading.Thread):
             self.skip.discard(gid)
 
     def _fill(self) -> None:
-        from magistral_jax.train.loop import budget
-
         free = len(self.batcher.free_slots)
         while len(self.pending) < free and self.queue.try_admit():
             gid, example = self._draw()
@@ -309,35 +313,33 @@ def weight_push(trainer_params, generator_shardings):
 
 
 def train_async(
-    cfg, step_fn, source, generator_devices: list, steps, *, meta: dict[str, Any], finish
+    cfg, learner: GRPOLearner, source, generator_devices: list, steps, *, meta: dict[str, Any], finish
 ) -> dict[str, float]:
     """Runs the asynchronous GRPO steps `steps` (an iterable of step indices, a progress bar say).
 
-    `step_fn` is the run's `GRPOStep` (its trainer on the trainer devices), `meta` the restored
+    `learner` is the run's `GRPOLearner` (its trainer on the trainer devices), `meta` the restored
     checkpoint's metadata for this process (empty for a new run), and `finish(step, metrics,
     data_state)` logs and checkpoints a finished step (`data_state()` returns what the checkpoint
     keeps of the data).
 
     Several processes: each generates on its own devices from its own share of the data, into its
-    own queue, and contributes `prompts_per_step / process_count` groups to every step; the trainer
-    mesh spans all processes, and the statistics that filtering and advantages need are gathered,
-    so a step sees the whole batch as in one process.
+    own queue, and contributes up to `prompts_per_step / process_count` groups with signal to every
+    step; the trainer mesh spans all processes, and the statistics that choosing groups and
+    advantages need are gathered, so a step sees the whole batch as in one process.
     """
     from magistral_jax.api import Model
-    from magistral_jax.distributed import allgather, allgather_objects
     from magistral_jax.model import param_specs
     from magistral_jax.model import params as P
     from magistral_jax.sharding import make_mesh, parse_mesh
-    from magistral_jax.train.loop import Rollouts, _concat
 
     a, g = cfg.async_rl, cfg.grpo
     count, index = jax.process_count(), jax.process_index()
-    trainer = step_fn.trainer
+    trainer = learner.trainer
     model = trainer.model
     mesh = make_mesh(**parse_mesh(a.generator_mesh), devices=generator_devices)
     shardings = P.shardings(param_specs(model.cfg), mesh, model.cfg.rules)
     n_batch = g.prompts_per_step * g.group_size
-    per_step = g.prompts_per_step // count  # groups each process contributes to a step
+    per_step = g.prompts_per_step // count  # groups with signal each process contributes to a step
 
     start = int(meta.get("step", 0))
     batcher = ContinuousBatcher(
@@ -346,14 +348,14 @@ def train_async(
         max_prompt_len=a.max_prompt_len,
         max_new_tokens=g.max_new_tokens,
         chunk=a.chunk,
-        sampling=step_fn.sampling,
-        stop_ids=step_fn.sampler.stop_ids,
+        sampling=learner.sampling,
+        stop_ids=learner.stop_ids,
         version=start,
     )
     queue = RolloutQueue(int(a.max_async_ratio * n_batch) // count, g.group_size)
 
     def score(example: Example, finished: list[Finished]):
-        out = step_fn.score([example.prompt] * len(finished), [f.tokens for f in finished], [example] * len(finished))
+        out = learner.score([example.prompt] * len(finished), [f.tokens for f in finished], [example] * len(finished))
         return np.asarray(out.rewards, np.float64), {k: np.asarray(v, np.float64) for k, v in out.components.items()}
 
     # A run resumed from a synchronous checkpoint numbers its groups on from the ones trained.
@@ -370,10 +372,10 @@ def train_async(
         next_gid=int(meta.get("first_group", start * per_step)),
         skip=skip,
     )
-    trained = set(skip)
+    consumed = set(skip)  # groups trained, or drawn and dropped for lack of signal
 
     def data_state() -> dict[str, Any]:
-        state = generator.data_state(trained)
+        state = generator.data_state(consumed)
         return state if count == 1 else {"async_per_process": allgather_objects(state)}
 
     metrics: dict[str, float] = {}
@@ -382,30 +384,37 @@ def train_async(
         last_time, last_tokens = time.perf_counter(), 0
         for step in steps:
             t0 = time.perf_counter()
-            groups, depth = queue.take(per_step, generator.check)
+            taken, kept, depth = [], [], None
+            while len(kept) < per_step and len(taken) < g.max_draws * per_step:
+                want = min(per_step - len(kept), g.max_draws * per_step - len(taken))
+                groups, queued = queue.take(want, generator.check)
+                depth = queued if depth is None else depth
+                taken += groups
+                kept += [group for group in groups if learner.signal(group.rewards, group.components)[0]]
             t1 = time.perf_counter()
-            finished = [f for group in groups for f in group.finished]
-            lengths = [len(f.tokens) for f in finished]
-            rollouts = Rollouts(
-                prompts=[group.example.prompt for group in groups],
-                completions=[f.tokens for f in finished],
-                logprobs=[f.logprobs for f in finished],
-                lengths=np.asarray(_concat(lengths)),
-                finish_reasons=_concat([f.finish_reason for f in finished]),
-                rewards=np.asarray(_concat(np.concatenate([group.rewards for group in groups]).tolist())),
-                components={
-                    k: np.asarray(_concat(np.concatenate([group.components[k] for group in groups]).tolist()))
-                    for k in groups[0].components
-                },
-                first_row=index * len(finished),
+            finished = [f for group in taken for f in group.finished]
+            drawn = gather(
+                Rollouts(
+                    g.group_size,
+                    [group.example.prompt for group in taken],
+                    [f.tokens for f in finished],
+                    [f.logprobs for f in finished],
+                    np.asarray([len(f.tokens) for f in finished]),
+                    [f.finish_reason for f in finished],
+                    np.concatenate([group.rewards for group in taken]),
+                    {k: np.concatenate([group.components[k] for group in taken]) for k in taken[0].components},
+                )
             )
-            rows = range(rollouts.first_row, rollouts.first_row + len(finished))
-            metrics = step_fn.update(rollouts, rows)
+            signal = learner.signal(drawn.rewards, drawn.components)
+            chosen = np.flatnonzero(signal)
+            metrics = learner.drawn_metrics(drawn, signal, len(chosen))
+            metrics.update(learner.update(drawn.select(chosen)))
             t2 = time.perf_counter()
             generator.push(weight_push(model.params, shardings), step + 1)
             t3 = time.perf_counter()
-            trained.update(group.gid for group in groups)
-            lag = step - np.concatenate([f.versions for f in finished])
+            consumed.update(group.gid for group in taken)
+            versions = [f.versions for group in kept for f in group.finished]
+            lag = step - np.concatenate(versions) if versions else np.zeros(0, np.int64)
             tokens = batcher.generated
             # Summed or maxed over the processes (one row each): lag sum, lag tokens, lag max,
             # queue depth, outstanding completions, generated tokens/s, push time.
@@ -414,7 +423,7 @@ def train_async(
                     [
                         lag.sum(),
                         lag.size,
-                        lag.max(),
+                        lag.max(initial=0),
                         depth,
                         queue.peak,
                         (tokens - last_tokens) / (t3 - last_time),
@@ -424,7 +433,7 @@ def train_async(
                 )
             )
             metrics.update(
-                policy_lag_mean=float(stats[:, 0].sum() / stats[:, 1].sum()),
+                policy_lag_mean=float(stats[:, 0].sum() / max(stats[:, 1].sum(), 1)),
                 policy_lag_max=float(stats[:, 2].max()),
                 queue_depth=float(stats[:, 3].sum()),
                 outstanding_max=float(stats[:, 4].sum()),
@@ -434,7 +443,7 @@ def train_async(
                 time_step=t3 - t0,
                 trainer_utilisation=(t2 - t1) / (t3 - t0),
                 generator_tokens_per_s=float(stats[:, 5].sum()),
-                tokens_per_s=float(sum(lengths) * count + metrics["trained_tokens"]) / (t3 - t0),
+                tokens_per_s=float(drawn.lengths.sum() + metrics["trained_tokens"]) / (t3 - t0),
             )
             last_time, last_tokens = t3, tokens
             finish(step, metrics, data_state)

@@ -37,6 +37,10 @@ class GRPOConfig:
     # (e.g. `correct`: shaped rewards such as length or language then do not keep all-wrong or
     # all-right groups alive, as DAPO's filtering on accuracy).
     filter_metric: str = "reward"
+    # Variants that drop groups without signal form each batch from `prompts_per_step` groups that
+    # have some, drawing more as needed: at most `max_draws` x prompts_per_step groups per step
+    # (DAPO's max_num_gen_batches); a step that still lacks some trains on those it found.
+    max_draws: int = 4
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,34 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during a run: every `every` steps (and at the last), pass@1 of `k`
+    samples on the first `problems` problems of `data` (a problem file, as the `problems` data
+    source reads it), scored by the Magistral reward; `eval/pass@1` and the rest go to
+    metrics.jsonl, and a checkpoint is written at that step. The best evaluated checkpoint is kept
+    and is what `init_from: RUN_DIR` starts from by default (the paper starts RL from the cold
+    start's best checkpoint)."""
+
+    every: int = 0  # 0: no evaluation
+    data: dict[str, Any] = field(default_factory=dict)  # {path: FILE | bundled:NAME, system_prompt, levels, languages}
+    problems: int = 64
+    k: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # the model cards' sampling settings
+    top_p: float = 0.95
+    reward: dict[str, Any] = field(default_factory=dict)  # Magistral reward settings (style, l_max, l_cache)
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every: >= 0 expected, got {self.every!r}")
+        for name in ("problems", "k", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}: a positive integer is expected, got {getattr(self, name)!r}")
+        if self.every and "path" not in self.data:
+            raise ValueError("eval.data.path: the problem file to evaluate on is required when eval.every > 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A training run.
 
@@ -80,7 +112,9 @@ class RunConfig:
       model: preset name or YAML model config (ignored when `init_from` is set, except overrides).
       model_overrides: `ModelConfig` fields to change (`remat`, `dtype`, `text.n_layers`, ...).
       init_from: checkpoint directory to start from (any format `load_model` reads, or a training
-        run directory: its latest checkpoint), or None for random parameters drawn with `seed`.
+        run directory), or None for random parameters drawn with `seed`.
+      init_checkpoint: which checkpoint of an `init_from` run directory: `best` (the best
+        evaluated one, or the latest where the run has no evaluation), `latest`, or a step.
       param_dtype: master weights and optimizer state dtype (compute follows the model config).
       run_dir: where checkpoints, metrics.jsonl and TensorBoard events go.
       steps: optimizer steps of the whole run (a resumed run continues up to it).
@@ -92,12 +126,16 @@ class RunConfig:
       max_nonfinite: stop after this many non-finite updates in a row.
       tokenizer: tokenizer file for decoding completions for text rewards (None: token ids).
       async_rl: asynchronous generation and training on disjoint devices (`AsyncConfig`).
+      eval: held-out evaluation every few steps (`EvalConfig`).
+      resume_overrides: fields that may differ from the run directory's own config when resuming
+        (e.g. `[steps]` to extend a run); any other difference is refused.
     """
 
     kind: str
     model: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
+    init_checkpoint: str = "best"
     param_dtype: str = "float32"
     run_dir: str = "runs/run"
     steps: int = 100
@@ -114,6 +152,8 @@ class RunConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     async_rl: AsyncConfig = field(default_factory=AsyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resume_overrides: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=lambda: {"name": "random_prompts"})
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "token_frequency"})
 
@@ -134,7 +174,7 @@ class RunConfig:
         if self.sft.batch_size < 1:
             raise ConfigError(f"sft.batch_size: a positive integer is expected, got {self.sft.batch_size!r}")
         g = self.grpo
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "minibatches"):
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "minibatches", "max_draws"):
             if getattr(g, name) < 1:
                 raise ConfigError(f"grpo.{name}: a positive integer is expected, got {getattr(g, name)!r}")
         if g.group_size < 2 and self.kind == "grpo":
@@ -147,13 +187,35 @@ class RunConfig:
                 f"async_rl.slots: {self.async_rl.slots} sequences in flight exceed max_async_ratio x n_batch = "
                 f"{self.async_rl.max_async_ratio} x {n_batch}"
             )
+        if self.kind == "grpo":
+            from magistral_jax.rl.losses import get_variant
+
+            try:
+                variant = get_variant(g.loss)
+            except ValueError as e:
+                raise ConfigError(f"grpo.{e}") from None
+            if variant.kl and not g.kl_coef > 0:
+                raise ConfigError(f"grpo.kl_coef: the {g.loss} objective has a KL term and needs kl_coef > 0")
+            if g.kl_coef and not variant.kl:
+                raise ConfigError(
+                    f"grpo.kl_coef: {g.kl_coef}, but the {g.loss} objective has no KL term (no reference model is "
+                    "kept); set kl_coef to 0 or use grpo.loss=grpo"
+                )
+        if self.init_checkpoint not in ("best", "latest") and not str(self.init_checkpoint).isdigit():
+            raise ConfigError(f"init_checkpoint: best, latest or a step number expected, got {self.init_checkpoint!r}")
         if not 0 <= g.eps_low < 1 or g.eps_high < 0:
             raise ConfigError(
                 f"grpo.eps_low / eps_high: 0 <= eps_low < 1 and eps_high >= 0, got {g.eps_low}, {g.eps_high}"
             )
 
 
-_SECTIONS = {"optimizer": OptimizerConfig, "grpo": GRPOConfig, "sft": SFTConfig, "async_rl": AsyncConfig}
+_SECTIONS = {
+    "optimizer": OptimizerConfig,
+    "grpo": GRPOConfig,
+    "sft": SFTConfig,
+    "async_rl": AsyncConfig,
+    "eval": EvalConfig,
+}
 
 
 def _build(d: dict[str, Any]) -> RunConfig:

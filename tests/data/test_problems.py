@@ -53,8 +53,8 @@ def test_unreadable_inputs_are_clear_errors(tmp_path):
         read_problems(str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataError, match="no usable problems"):
         read_problems(write_jsonl(tmp_path / "bad.jsonl", ["{}", "[1]"]))
-    with pytest.raises(DataError, match=r"\.jsonl or \.parquet"):
-        read_problems(write_jsonl(tmp_path / "p.csv", ["a,b"]))
+    with pytest.raises(DataError, match=r"\.jsonl, \.parquet or \.csv"):
+        read_problems(write_jsonl(tmp_path / "p.txt", ["a,b"]))
     with pytest.raises(DataError, match="bundled: math_multilingual, python_tasks"):
         read_problems("bundled:nope")
 

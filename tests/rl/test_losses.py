@@ -108,6 +108,29 @@ def test_constant_groups_are_found():
     assert not get_variant("grpo").filter_constant_groups and not get_variant("dr_grpo").filter_constant_groups
 
 
+# What the Magistral reward really gives: format 0.1, + 0.9 correct, + 0.1 language, minus a soft
+# length penalty (0.0375 = 0.1 * 3 / 8 into an l_cache of 8 tokens).
+MAGISTRAL_REWARDS = (0.1, 0.2, 1.1, 1.0, 0.9, 1.1 - 0.0375, 0.1 - 0.0375)
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8, 16, 32])
+def test_constant_groups_are_found_with_the_magistral_rewards(size):
+    # Every group holds `size` copies of one reward; beside it, a group that differs by one
+    # completion's length penalty. A group is constant when max == min, whatever the float sum.
+    rewards = np.concatenate([np.full(size, r) for r in MAGISTRAL_REWARDS] + [[1.1] * (size - 1) + [1.1 - 0.0125]])
+    groups = np.repeat(np.arange(len(MAGISTRAL_REWARDS) + 1), size)
+    want = [True] * (len(MAGISTRAL_REWARDS) * size) + [False] * size
+    assert constant_groups(rewards, groups).tolist() == want
+    for name in ("grpo", "dr_grpo", "dapo", "magistral"):
+        adv, _ = get_variant(name).fn(rewards, groups, np.full(len(rewards), 7), BUDGET)
+        # Constant groups carry exactly no advantage (Magistral: only the minibatch mean is left,
+        # the same for all of them), and the varying group's signal is not drowned by their noise.
+        constant = np.asarray(want)
+        assert len(set(adv[constant].tolist())) == 1, name
+        varying = adv[~constant]
+        assert varying[-1] < 0 < varying[0], name
+
+
 def test_magistral_advantages_hand_worked():
     # Group means 0.5 and 0.25: raw advantages [0.5, -0.5, 0.75, -0.25, -0.25, -0.25]; minibatch
     # mean 0, std sqrt((0.25 + 0.25 + 0.5625 + 3 * 0.0625) / 6) = sqrt(1.25 / 6).

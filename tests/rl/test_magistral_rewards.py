@@ -1,17 +1,21 @@
 """The Magistral reward against hand-worked cases (reference/magistral-rl-recipe.md, section 2)."""
 
+import re
 import shutil
+import time
 
 import pytest
 
 from magistral_jax.rl.magistral_rewards import (
     detect_language,
     language_consistent,
+    language_sample,
     last_boxed,
     length_penalty,
     magistral,
     math_correct,
     split_format,
+    strip_latex_and_code,
 )
 
 PROBLEM_EN = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
@@ -126,10 +130,52 @@ def test_detects_the_seven_languages_with_latex_and_code_removed(text, language)
     assert detect_language(text) == language
 
 
-def test_parts_too_short_to_identify_are_skipped():
+@pytest.mark.parametrize(
+    ("problem", "thinking", "answer"),
+    [
+        (PROBLEM_FR, THINK_FR, "\\boxed{7}"),  # a bare boxed answer
+        (PROBLEM_FR, "$3 + 4 = 7$", ANSWER_FR),  # thinking in formulas only
+        (PROBLEM_FR, "3+4=7", "\\boxed{7}"),  # only the problem has words: nothing to compare it with
+        ("$3 + 4$?", THINK_FR, ANSWER_FR),
+    ],
+)
+def test_the_language_bonus_needs_all_three_parts_identified(problem, thinking, answer):
+    # The paper: the bonus is given "if ... all three parts used the same language". A part too short
+    # to identify (fewer than MIN_LETTERS letters once LaTeX and code are gone) cannot show that.
     assert detect_language("$x^2 + 1$ = 7") is None  # nothing but LaTeX and a number
-    agree, found = language_consistent(PROBLEM_FR, THINK_FR, "\\boxed{7}")
-    assert agree and "answer: -" in found
+    agree, found = language_consistent(problem, thinking, answer)
+    assert not agree and "too short to identify" in found
+    reward, comps, reason = score(f"[THINK]{thinking}[/THINK]{answer}", problem=problem)
+    assert comps["language"] == 0.0 and reward == pytest.approx(1.0) and "too short to identify" in reason
+    assert language_consistent(PROBLEM_FR, THINK_FR, ANSWER_FR)[0]
+
+
+@pytest.mark.parametrize("style", ["think_tokens", "think_tags"])
+def test_the_training_system_prompt_agrees_with_the_reward_format(style, tmp_path):
+    from magistral_jax.rl.magistral_rewards import TAGS, prompt_conflicts
+    from magistral_jax.tokenizer import SYSTEM_PROMPTS, TRAINING_SYSTEM_PROMPT
+
+    prompt = SYSTEM_PROMPTS[TRAINING_SYSTEM_PROMPT[style]]
+    opening, closing = TAGS[style]
+    # The prompt teaches the very tags the format reward checks, and nothing in it forbids the
+    # \boxed{} answer the math reward reads.
+    assert opening in prompt and closing in prompt
+    assert prompt_conflicts(prompt, style) is None
+    # An answer written as the prompt's template asks, with a boxed result, earns the format reward.
+    template = f"{opening}{THINK_EN}{closing}{ANSWER_EN}"
+    assert score(template, style=style)[1]["format"] == 0.1
+
+
+def test_a_system_prompt_that_contradicts_the_reward_is_named():
+    from magistral_jax.rl.magistral_rewards import prompt_conflicts
+    from magistral_jax.tokenizer import SYSTEM_PROMPTS
+
+    # The 2506 card's chat prompt forbids \boxed{}: a math RL run that trained on it would score every
+    # obedient answer 0.
+    assert "forbids" in prompt_conflicts(SYSTEM_PROMPTS["magistral-small-2506"], "think_tags")
+    assert "<think>" in prompt_conflicts(SYSTEM_PROMPTS["magistral-rl"], "think_tokens")
+    assert "[THINK]" in prompt_conflicts(SYSTEM_PROMPTS["magistral-small-2509"], "think_tags")
+    assert prompt_conflicts("Solve it. Put the final answer in \\boxed{}.", "think_tokens") is None
 
 
 def test_code_answers_need_a_fenced_block_with_a_language_tag():
@@ -210,3 +256,52 @@ def test_math_verify_scores_off_the_main_thread():
     worker.start()
     worker.join()
     assert got == [True, False]
+
+
+def test_a_megabyte_completion_is_graded_in_bounded_time():
+    # 1 MB of thinking with a 30,000-character run of unclosed `\[` in the middle: removing LaTeX
+    # from the whole text is quadratic in that run, and the classifier linear in the length.
+    score(f"[THINK]{THINK_EN}[/THINK]{ANSWER_EN}")  # the classifier and math-verify loaded
+    filler = THINK_EN * (500_000 // len(THINK_EN))
+    thinking = filler + "\\[" * 15_000 + filler
+    start = time.perf_counter()
+    reward, _, reason = score(f"[THINK]{thinking}[/THINK]{ANSWER_EN}")
+    assert time.perf_counter() - start < 2.0
+    assert len(thinking) > 10**6 and reward == pytest.approx(1.1) and reason is None
+
+
+def test_a_long_part_is_classified_by_its_start_middle_and_end_with_code_still_removed():
+    # French prose around a long code block whose middle window falls inside the block: its
+    # English identifiers and comments must not count.
+    code = "total = sum(values)  # compute the total of all the values we have read\n" * 30
+    prose = THINK_FR * 20
+    text = f"{prose}\n```python\n{code}```\n{prose}"
+    middle = (len(text) - 1000) // 2
+    assert text.index("```python") < middle and middle + 1000 < text.rindex("```")
+    windows = language_sample(text)
+    assert [w[-20:] for w in windows] == [text[999 - 19 : 1000], text[middle + 980 : middle + 1000], text[-20:]]
+    assert not any("values" in strip_latex_and_code(w) for w in windows)
+    assert detect_language(text) == "french"
+
+
+@pytest.mark.parametrize(
+    ("tests", "where"),
+    [
+        ([{"input": "1 2\n"}], "tests[0]"),  # no expected output: `pass` would score 1.0
+        ([{"input": "1 2\n", "output": "3\n"}, {"input": "1 1\n", "output": None}], "tests[1]"),
+        ([{"output": "3\n"}], "tests[0]"),
+        (["1 2 -> 3"], "tests[0]"),
+    ],
+)
+def test_code_tests_without_input_and_output_strings_are_refused(tests, where):
+    with pytest.raises(ValueError, match=rf"code tests: {re.escape(where)} needs string `input` and `output`"):
+        code_reward("pass", tests=tests)
+
+
+def test_an_overlong_boxed_answer_is_wrong_without_parsing():
+    # 9^{9^{...}} sized to the cap: math-verify would spend its time limits on it
+    tower = "9^{" * 340 + "9" + "}" * 340
+    assert len(tower) > 1000
+    start = time.perf_counter()
+    assert score(f"[THINK]{THINK_EN}[/THINK]\\boxed{{{tower}}}", answer="9")[1]["correct"] == 0.0
+    assert time.perf_counter() - start < 2.0
