@@ -376,26 +376,34 @@ def test_a_bad_override_fails_before_anything_is_built(monkeypatch, capsys):
     assert "sft.batch_size: a positive integer is expected, got 0" in capsys.readouterr().err
 
 
-def _readme_override_examples() -> list[tuple[str, list[str]]]:
-    """(where, overrides) of every override example of the README: the `KEY=VALUE` arguments of
-    its `magistral-jax train` commands and the strings given to `apply_overrides`."""
+def _readme_override_examples() -> list[tuple[str, str | None, list[str]]]:
+    """(kind, config file, overrides) of every override example of the README: the `KEY=VALUE`
+    arguments of its `magistral-jax train` commands (continued lines joined, shell quoting
+    undone), and `("model", None, ...)` for the strings given to `apply_overrides`."""
     import re
+    import shlex
 
-    readme = open(os.path.join(CONFIGS, os.pardir, "README.md")).read()
+    root = os.path.join(CONFIGS, os.pardir)
+    readme = open(os.path.join(root, "README.md")).read()
     examples = []
     for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
-        for line in block.splitlines():
-            words = line.split("#")[0].split()
-            if words[:2] == ["magistral-jax", "train"]:
-                examples.append(("run", [w for w in words if "=" in w and not w.startswith("-")]))
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command, comments=True)
+            if words[:2] != ["magistral-jax", "train"]:
+                continue
+            config = words[words.index("--config") + 1] if "--config" in words else None
+            config = config if config and os.path.exists(os.path.join(root, config)) else None
+            overrides = [w for w in words if "=" in w and not w.startswith("-")]
+            examples.append((words[2], config and os.path.join(root, config), overrides))
     for call in re.findall(r"apply_overrides\(cfg, \[(.*?)\]\)", readme):
-        examples.append(("model", re.findall(r"\"([^\"]+)\"", call)))
+        examples.append(("model", None, re.findall(r"\"([^\"]+)\"", call)))
     return examples
 
 
 def _help_override_examples() -> list[str]:
-    """The `KEY=VALUE` examples in the `--help` texts (descriptions and options; a `--mesh` value
-    such as `data=1,fsdp=2` is a mesh, not an override)."""
+    """The `KEY=VALUE` examples in the `--help` texts of the commands that take overrides (their
+    descriptions and the overrides' own help; an option's value, `--mesh data=1,fsdp=2` or
+    `--field problem=question`, is no override)."""
     import re
 
     from magistral_jax.cli import build_parser
@@ -404,8 +412,9 @@ def _help_override_examples() -> list[str]:
     (sub,) = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
     texts = []
     for command in sub.choices.values():
-        texts.append(command.description or "")
-        texts += [a.help or "" for a in command._actions if "mesh" not in " ".join(a.option_strings)]
+        positionals = [a for a in command._actions if a.dest == "overrides"]
+        if positionals:
+            texts += [command.description or "", *(a.help or "" for a in positionals)]
     return [m for t in texts for m in re.findall(r"(?<![\w.=,-])[a-z_]+(?:\.[a-z_]+)*=[^\s,;)]+", t)]
 
 
@@ -413,14 +422,22 @@ def test_every_documented_override_example_parses():
     from magistral_jax.train.config import load_run_config
 
     readme = _readme_override_examples()
-    assert {where for where, _ in readme} == {"run", "model"} and sum(len(o) for _, o in readme) >= 3
-    for where, overrides in readme:
-        if where == "run":
-            cfg = load_run_config(GRPO_TINY, overrides, kind="grpo")
-            if "optimizer.lr=1e-3" in overrides:
-                assert cfg.optimizer.lr == 1e-3
-        else:
+    run_examples = [e for e in readme if e[0] != "model"]
+    # The README's quick examples and its recipe chain (over continued lines) are among them.
+    assert ["steps=50", "optimizer.lr=1e-3"] in [o for _, _, o in run_examples]
+    assert sum(len(o) for _, _, o in run_examples) >= 30 and any(e[0] == "model" for e in readme)
+    for kind, config, overrides in readme:
+        if kind == "model":
             apply_overrides(mj.get_preset("tiny"), overrides)
+            continue
+        cfg = load_run_config(config, overrides, kind=kind)
+        for item in overrides:  # each value arrived with its field's type
+            key, _, text = item.partition("=")
+            node = cfg
+            for part in key.split("."):
+                node = node[part] if isinstance(node, dict) else getattr(node, part)
+            if isinstance(node, float):
+                assert node == float(text), item
     in_help = _help_override_examples()
     assert {"optimizer.lr=1e-5", "grpo.group_size=16", "steps=20"} <= set(in_help), in_help
     cfg = load_run_config(None, in_help, kind="grpo")

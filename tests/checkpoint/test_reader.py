@@ -133,8 +133,8 @@ def orbax_checkpoint(tmp_path_factory):
 
 def test_relative_paths_to_an_orbax_checkpoint_work(orbax_checkpoint, tmp_path, monkeypatch):
     # Orbax's own API refuses relative paths ("Checkpoint path should be absolute").
+    from magistral_jax.train.build import build_model
     from magistral_jax.train.config import load_run_config
-    from magistral_jax.train.loop import build_model
 
     def weights(model):
         return [np.asarray(model.params["embed"]), np.asarray(model.params["layers"]["wq"])]
@@ -183,8 +183,8 @@ def _poison(directory, name, index):
 
 
 def test_nan_weights_are_refused_for_training_naming_the_tensor(checkpoint):
+    from magistral_jax.train.build import build_model
     from magistral_jax.train.config import load_run_config
-    from magistral_jax.train.loop import build_model
 
     _poison(checkpoint, "model.layers.1.mlp.up_proj.weight", (3, 5))
     model = mj.load_model(checkpoint, dtype="float32")  # inference: loaded as it is
