@@ -210,4 +210,4 @@ def test_the_24b_recipes_build_what_the_tiny_chain_builds():
             kept = {k: v for k, v in big[section].items() if f"{section}.{k}" not in named}
             assert kept == {k: tiny[section][k] for k in kept}
         assert tiny["model_overrides"] == big["model_overrides"]
-        assert not {"grpo.loss", "grpo.eps_high", "grpo.filter_metric", "optimizer.b2", "param_dtype"} & named
+        assert not {"grpo.loss", "grpo.eps_high", "grpo.kl_coef", "optimizer.b2", "param_dtype"} & named
