@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -111,7 +112,35 @@ OPERATORS = [
 ]
 
 # (module, the original line stripped, operator) -> why no test can kill it.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+REWARDS = "rl/magistral_rewards.py"
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (
+        REWARDS,
+        "timeout = 5 if threading.current_thread() is threading.main_thread() else None",
+        "core/NumberReplacer",
+    ): "math-verify's time limit, 5 or 6 s: the same verdict on every input that finishes",
+    (
+        REWARDS,
+        "Limits(timeout=10.0, memory_mb=2048, processes=64, open_files=256),",
+        "core/NumberReplacer",
+    ): "the C++ compiler's limits, + 1: no compilation comes near them",
+    (
+        REWARDS,
+        "if n_tokens <= l_max - l_cache:",
+        "core/ReplaceComparisonOperator_LtE_Lt",
+    ): "at n = l_max - l_cache the linear part of the penalty is 0 as well",
+    (
+        REWARDS,
+        "if n_tokens > l_max:",
+        "core/ReplaceComparisonOperator_Gt_GtE",
+    ): "at n = l_max the linear part of the penalty is -0.1 as well",
+    **{
+        (REWARDS, "out.reasons.append(reason if total == 0 or reason else None)", op): (
+            "`reason` is None or a non-empty string, so the expression is `reason` whatever the condition"
+        )
+        for op in ("core/AddNot", "core/NumberReplacer", "core/ReplaceComparisonOperator_Eq_NotEq")
+    },
+}
 
 
 @dataclass
@@ -134,14 +163,14 @@ def _tracked_files() -> list[str]:
 
 
 def _fingerprint(files: list[str], module: str) -> str:
-    """What a session's results depend on: the package and the module's tests."""
-    tests = {t.split("::")[0] for t in MODULES[module]}
-    h = hashlib.sha256()
+    """What a session's results depend on: the package, then the module's tests."""
+    tests = {t.split("::")[0] for t in MODULES[module]} | {"tests/conftest.py"}
+    package, suite = hashlib.sha256(), hashlib.sha256()
     for f in sorted(files):
         path = ROOT / f
-        if path.is_file() and (f.startswith("magistral_jax/") or f in tests or f == "tests/conftest.py"):
-            h.update(f.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
+        if path.is_file() and (f.startswith("magistral_jax/") or f in tests):
+            (package if f.startswith("magistral_jax/") else suite).update(f.encode() + b"\0" + path.read_bytes())
+    return f"{package.hexdigest()} {suite.hexdigest()}"
 
 
 def _copy_repository(dest: Path, files: list[str]) -> None:
@@ -185,20 +214,30 @@ def _environment(copy: Path, cache: Path) -> dict[str, str]:
     return env
 
 
+def _excluded(mutation, lines: list[str], spans) -> bool:
+    """Mutants not run: other operators, constants - 1 (NumberReplacer's odd occurrences), those
+    inside annotations, and `*` / `/` alone in a parameter list (keyword-only and positional-only
+    markers, which cosmic-ray takes for operators)."""
+    line, col = lines[mutation.start_pos[0] - 1], mutation.start_pos[1]
+    marker = line[col : col + 1] in "*/" and line[col + 1 :].lstrip().startswith((",", ")"))
+    return (
+        mutation.operator_name not in OPERATORS
+        or (mutation.operator_name == "core/NumberReplacer" and mutation.occurrence % 2 == 1)
+        or any(a <= tuple(mutation.start_pos) < b for a, b in spans)
+        or marker
+    )
+
+
 def _skip(work_db, module_file: Path, sample: int) -> int:
-    """Marks as skipped the mutants we do not run: other operators, constants - 1, annotations,
-    and all but a seeded random `sample` of the rest (0: keep all). Returns how many are left."""
+    """Marks as skipped the mutants not run (`_excluded`) and all but a seeded random `sample` of
+    the rest (0: keep all). Returns how many are left."""
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     source = module_file.read_text()
-    spans = _annotation_spans(source)
-    keep = set(OPERATORS)
+    lines, spans = source.splitlines(), _annotation_spans(source)
     chosen, skipped = [], []
     for item in list(work_db.pending_work_items):
-        (m,) = item.mutations
-        inside = any(a <= tuple(m.start_pos) < b for a, b in spans)
-        number_minus = m.operator_name == "core/NumberReplacer" and m.occurrence % 2
-        (skipped if m.operator_name not in keep or number_minus or inside else chosen).append(item)
+        (skipped if _excluded(item.mutations[0], lines, spans) else chosen).append(item)
     if sample and len(chosen) > sample:
         order = sorted(chosen, key=lambda i: (str(i.mutations[0].start_pos), i.mutations[0].operator_name))
         kept = set(random.Random(0).sample(range(len(order)), sample))
@@ -222,7 +261,13 @@ def _baseline(command: str, env: dict[str, str], cwd: Path) -> float:
 
 
 def run_module(
-    module: str, work_dir: Path, fresh: bool, timeout_factor: float, sample: int = 0, report_only: bool = False
+    module: str,
+    work_dir: Path,
+    fresh: bool,
+    timeout_factor: float,
+    sample: int = 0,
+    report_only: bool = False,
+    survivors: bool = False,
 ) -> Result:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
@@ -232,7 +277,16 @@ def run_module(
     home = work_dir / module.replace("/", "_").removesuffix(".py")
     copy, db_path, stamp = home / "repo", home / "session.sqlite", home / "fingerprint"
     fingerprint = _fingerprint(files, module)
-    new = fresh or not db_path.exists() or not stamp.exists() or stamp.read_text() != f"{fingerprint} {sample}"
+    stamped = stamp.read_text().split() if stamp.exists() and db_path.exists() else []
+    new = fresh or stamped != [*fingerprint.split(), str(sample)]
+    if new and survivors and stamped[:1] == fingerprint.split()[:1] and not fresh:
+        # Only the tests changed (tests were added): what was killed stays killed; the survivors
+        # run again against the new tests.
+        _copy_repository(copy, files)
+        with sqlite3.connect(db_path) as db:
+            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+        stamp.write_text(f"{fingerprint} {stamped[-1]}")
+        new = False
     env = _environment(copy, work_dir / "jax-cache")
     command = _test_command(tests)
     target = copy / "magistral_jax" / module
@@ -266,7 +320,8 @@ def run_module(
             check=True,
         )
     seconds = time.perf_counter() - start
-    lines = target.read_text().splitlines()
+    source = target.read_text()
+    lines, spans = source.splitlines(), _annotation_spans(source)
     killed = equivalent = timeouts = incompetent = 0
     survived = []
     with use_db(str(db_path), WorkDB.Mode.open) as db:
@@ -274,6 +329,8 @@ def run_module(
             if result.worker_outcome == WorkerOutcome.SKIPPED:
                 continue
             (m,) = item.mutations
+            if _excluded(m, lines, spans):
+                continue
             line = _line(lines, m)
             if result.test_outcome == TestOutcome.INCOMPETENT or result.worker_outcome != WorkerOutcome.NORMAL:
                 incompetent += 1
@@ -291,14 +348,9 @@ def _count(module: str) -> int:
     from cosmic_ray.commands.init import _all_work_items
 
     target = ROOT / "magistral_jax" / module
-    spans = _annotation_spans(target.read_text())
-    n = 0
-    for item in _all_work_items([target], {}):
-        (m,) = item.mutations
-        minus = m.operator_name == "core/NumberReplacer" and m.occurrence % 2
-        if m.operator_name in OPERATORS and not minus and not any(a <= tuple(m.start_pos) < b for a, b in spans):
-            n += 1
-    return n
+    source = target.read_text()
+    lines, spans = source.splitlines(), _annotation_spans(source)
+    return sum(not _excluded(item.mutations[0], lines, spans) for item in _all_work_items([target], {}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sample", type=int, default=0, help="run a seeded random sample of this many mutants per module (0: all)"
     )
     parser.add_argument("--report", action="store_true", help="report the sessions run so far, run nothing")
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="after adding tests (the package unchanged): run again only the mutants that survived",
+    )
     parser.add_argument("--list", action="store_true", help="list the modules, their tests and mutant counts")
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
@@ -328,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m}: {_count(m)} mutants; tests: {' '.join(MODULES[m])}")
         return 0
     results = [
-        run_module(m, Path(args.work_dir), args.fresh, args.timeout_factor, args.sample, args.report) for m in modules
+        run_module(m, Path(args.work_dir), args.fresh, args.timeout_factor, args.sample, args.report, args.survivors)
+        for m in modules
     ]
     for r in results:
         for operator, where, diff in r.survived:
