@@ -134,6 +134,21 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "if n_tokens > l_max:",
         "core/ReplaceComparisonOperator_Gt_GtE",
     ): "at n = l_max the linear part of the penalty is -0.1 as well",
+    (
+        REWARDS,
+        "seed = test_seed[i] if test_seed is not None else 0",
+        "core/NumberReplacer",
+    ): "without `test_seed` any constant draws the same subset for every completion, the property promised",
+    (
+        "rl/losses.py",
+        "adv = (adv - adv.mean()) / (adv.std() + EPS)",
+        "core/ReplaceBinaryOperator_Add_Sub",
+    ): "std +- 1e-8: equal unless the std is 0, when every advantage is 0 either way",
+    (
+        "rl/losses.py",
+        "return loss, (ratio < 1.0 - eps_low) & (advantages < 0), (ratio > 1.0 + eps_high) & (advantages > 0)",
+        "core/ReplaceComparisonOperator_Gt_GtE",
+    ): "a ratio exactly at 1 + eps_high (the clipped and unclipped terms agree there) counted as clipped or not",
     **{
         (REWARDS, "out.reasons.append(reason if total == 0 or reason else None)", op): (
             "`reason` is None or a non-empty string, so the expression is `reason` whatever the condition"
