@@ -149,6 +149,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "return loss, (ratio < 1.0 - eps_low) & (advantages < 0), (ratio > 1.0 + eps_high) & (advantages > 0)",
         "core/ReplaceComparisonOperator_Gt_GtE",
     ): "a ratio exactly at 1 + eps_high (the clipped and unclipped terms agree there) counted as clipped or not",
+    (
+        "rl/losses.py",
+        "return loss, (ratio < 1.0 - eps_low) & (advantages < 0), (ratio > 1.0 + eps_high) & (advantages > 0)",
+        "core/ReplaceComparisonOperator_Lt_LtE",
+    ): "a ratio exactly at 1 - eps_low (the clipped and unclipped terms agree there) counted as clipped or not",
     **{
         (REWARDS, "out.reasons.append(reason if total == 0 or reason else None)", op): (
             "`reason` is None or a non-empty string, so the expression is `reason` whatever the condition"

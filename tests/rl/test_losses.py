@@ -1,5 +1,6 @@
 """The GRPO-family objectives against separate NumPy implementations of their formulas."""
 
+import dataclasses
 import zlib
 
 import jax
@@ -129,6 +130,11 @@ def test_clip_higher_at_hand_worked_ratios():
     np.testing.assert_allclose(np.asarray(loss), [-2.56, -2.2, 0.8, 0.9], rtol=1e-6)
     assert np.asarray(high).tolist() == [True, False, False, False]
     assert np.asarray(low).tolist() == [False, False, True, False]
+
+
+def test_registered_variants_cannot_be_changed_in_place():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_variant("magistral").filter_constant_groups = False
 
 
 def test_unknown_variant():
