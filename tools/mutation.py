@@ -146,6 +146,21 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ): "std +- 1e-8: equal unless the std is 0, when every advantage is 0 either way",
     (
         "rl/losses.py",
+        "adv = (adv - adv.mean()) / (adv.std() + EPS)",
+        "core/ReplaceBinaryOperator_Sub_Add",
+    ): "group-centred advantages sum to 0 in every group: their minibatch mean is 0, added or subtracted",
+    (
+        "rl/losses.py",
+        "return (rewards - mean) / (std + EPS), 1.0 / (size * lengths * n_groups(groups))",
+        "core/ReplaceBinaryOperator_Add_Sub",
+    ): "std +- 1e-8: equal unless the std is 0, when r - mean is 0 either way",
+    (
+        "rl/losses.py",
+        "return (rewards - mean) / (std + EPS), 1.0 / (_group_lengths(lengths, groups) * n_groups(groups))",
+        "core/ReplaceBinaryOperator_Add_Sub",
+    ): "std +- 1e-8: equal unless the std is 0, when r - mean is 0 either way",
+    (
+        "rl/losses.py",
         "return loss, (ratio < 1.0 - eps_low) & (advantages < 0), (ratio > 1.0 + eps_high) & (advantages > 0)",
         "core/ReplaceComparisonOperator_Gt_GtE",
     ): "a ratio exactly at 1 + eps_high (the clipped and unclipped terms agree there) counted as clipped or not",

@@ -273,6 +273,15 @@ def test_code_correct_draws_at_most_20_tests_by_default():
     assert code_correct(program, tests, 1, max_tests=21)[0] is False
 
 
+def test_the_rewards_defaults_a_4096_token_cache_and_20_tests():
+    # l_max 8192 and 6144 tokens: half-way through the default l_cache of 4096, -0.05.
+    _, comps, _ = score(f"[THINK]{THINK_EN}[/THINK]{ANSWER_EN}", n_tokens=[6144], l_max=8192)
+    assert comps["length"] == pytest.approx(-0.05, abs=1e-9)
+    tests = [{"input": f"{i} 0\n", "output": f"{i + (i == 20)}\n"} for i in range(21)]  # fails the last only
+    reward, reason = code_reward("a, b = map(int, input().split())\nprint(a + b)", tests=tests, test_seed=[1])
+    assert (reward, reason) == (pytest.approx(1.0), None)  # seed 1 draws 20 tests without the last
+
+
 def test_an_unknown_language_name_is_refused():
     with pytest.raises(ValueError, match="languages"):
         detect_language("A sentence long enough to be identified.", languages=("english", "klingon"))
