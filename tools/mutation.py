@@ -344,8 +344,10 @@ def run_module(
             left = _skip(db, target, sample)
         stamp.write_text(f"{fingerprint} {sample}")
         print(f"{module}: {left} mutants to run against {len(tests)} test selections (baseline {seconds:.0f} s)")
+    if report_only and not db_path.exists():
+        sys.exit(f"error: {module}: no session under {home}")
     if report_only and new:
-        sys.exit(f"error: {module}: no session of the current code under {home}")
+        print(f"note: {module}: the session ran against an earlier state of the code or tests")
     start = time.perf_counter()
     if not report_only:
         subprocess.run(
