@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -54,7 +55,10 @@ MODULES: dict[str, list[str]] = {
         "tests/train/test_step.py::test_schedule_warmup_and_cosine",
     ],
     "sampling/strategies.py": ["tests/sampling/test_strategies.py"],
-    "model/layers.py": ["tests/model/test_layers.py"],
+    "model/layers.py": [
+        "tests/model/test_layers.py",
+        "tests/model/test_vision.py::test_two_images_of_different_sizes_in_one_sequence",  # Pixtral's 2D RoPE
+    ],
     "model/attention.py": ["tests/model/test_attention.py"],
     "rl/magistral_rewards.py": ["tests/rl/test_magistral_rewards.py"],
 }
@@ -314,17 +318,21 @@ def run_module(
     fingerprint = _fingerprint(files, module)
     stamped = stamp.read_text().split() if stamp.exists() and db_path.exists() else []
     new = fresh or stamped != [*fingerprint.split(), str(sample)]
+    env = _environment(copy, work_dir / "jax-cache")
+    command = _test_command(tests)
+    target = copy / "magistral_jax" / module
     if new and survivors and stamped[:1] == fingerprint.split()[:1] and not fresh:
         # Only the tests changed (tests were added): what was killed stays killed; the survivors
         # run again against the new tests.
         _copy_repository(copy, files)
+        config = (home / "cr.toml").read_text()
+        (home / "cr.toml").write_text(
+            re.sub(r"(?m)^test-command = .*$", lambda _: f"test-command = {json.dumps(command)}", config)
+        )
         with sqlite3.connect(db_path) as db:
             db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
         stamp.write_text(f"{fingerprint} {stamped[-1]}")
         new = False
-    env = _environment(copy, work_dir / "jax-cache")
-    command = _test_command(tests)
-    target = copy / "magistral_jax" / module
     if new and not report_only:
         home.mkdir(parents=True, exist_ok=True)
         _copy_repository(copy, files)

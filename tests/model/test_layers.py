@@ -17,6 +17,14 @@ def test_rms_norm_closed_form():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_rms_norm_epsilon_where_it_matters():
+    # Rows whose mean square (1e-4) is comparable to eps (1e-4): the closed form with eps added.
+    x = np.random.default_rng(2).normal(size=(3, 32)) * 1e-2
+    expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-4)
+    got = rms_norm(jnp.asarray(x, jnp.float32), jnp.ones(32, jnp.float32), 1e-4)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
 def test_rms_norm_keeps_input_dtype_and_normalises_in_fp32():
     # bf16 input with a large common offset: fp32 statistics keep the result finite and exact
     # up to the final bf16 cast.
