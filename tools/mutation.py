@@ -190,6 +190,7 @@ class Result:
     equivalent: int
     timeouts: int
     incompetent: int
+    pending: int  # not run yet (a cut run)
     seconds: float
 
 
@@ -386,7 +387,8 @@ def run_module(
             else:
                 killed += 1
                 timeouts += result.output == "timeout"
-    return Result(module, killed, survived, equivalent, timeouts, incompetent, seconds)
+        pending = sum(1 for _ in db.pending_work_items)
+    return Result(module, killed, survived, equivalent, timeouts, incompetent, pending, seconds)
 
 
 def _count(module: str) -> int:
@@ -442,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.module}: {r.killed}/{n} killed ({100 * r.killed / max(n, 1):.1f} %); "
             f"{len(r.survived)} survived, {r.equivalent} equivalent, {r.timeouts} killed by the timeout, "
-            f"{r.incompetent} incompetent; {r.seconds / 60:.1f} min"
+            f"{r.incompetent} incompetent"
+            + (f", {r.pending} not run yet" if r.pending else "")
+            + f"; {r.seconds / 60:.1f} min"
         )
     killed = sum(r.killed for r in results)
     total = sum(r.killed + len(r.survived) for r in results)
