@@ -115,9 +115,10 @@ OPERATORS = [
     "core/ZeroIterationForLoop",
 ]
 
-# (module, the original line stripped, operator) -> why no test can kill it.
+# (module, the original line stripped, operator[, a piece of the mutated line]) -> why no test can
+# tell the mutant from the original.
 REWARDS = "rl/magistral_rewards.py"
-EQUIVALENT: dict[tuple[str, str, str], str] = {
+EQUIVALENT: dict[tuple[str, ...], str] = {
     (
         REWARDS,
         "timeout = 5 if threading.current_thread() is threading.main_thread() else None",
@@ -167,11 +168,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "rl/losses.py",
         "return loss, (ratio < 1.0 - eps_low) & (advantages < 0), (ratio > 1.0 + eps_high) & (advantages > 0)",
         "core/ReplaceComparisonOperator_Gt_GtE",
+        "ratio >= 1.0 + eps_high",
     ): "a ratio exactly at 1 + eps_high (the clipped and unclipped terms agree there) counted as clipped or not",
     (
         "rl/losses.py",
         "return loss, (ratio < 1.0 - eps_low) & (advantages < 0), (ratio > 1.0 + eps_high) & (advantages > 0)",
         "core/ReplaceComparisonOperator_Lt_LtE",
+        "ratio <= 1.0 - eps_low",
     ): "a ratio exactly at 1 - eps_low (the clipped and unclipped terms agree there) counted as clipped or not",
     **{
         (REWARDS, "out.reasons.append(reason if total == 0 or reason else None)", op): (
@@ -288,6 +291,13 @@ def _skip(work_db, module_file: Path, sample: int) -> int:
     return len(chosen)
 
 
+def _equivalent(module: str, line: str, mutation, diff: str) -> bool:
+    mutated = "".join(d[1:] for d in diff.splitlines() if d.startswith("+") and not d.startswith("+++"))
+    return any(
+        key[:3] == (module, line, mutation.operator_name) and (len(key) < 4 or key[3] in mutated) for key in EQUIVALENT
+    )
+
+
 def _line(source_lines: list[str], mutation) -> str:
     return source_lines[mutation.start_pos[0] - 1].strip()
 
@@ -380,7 +390,7 @@ def run_module(
             line = _line(lines, m)
             if result.test_outcome == TestOutcome.INCOMPETENT or result.worker_outcome != WorkerOutcome.NORMAL:
                 incompetent += 1
-            elif (module, line, m.operator_name) in EQUIVALENT and result.test_outcome == TestOutcome.SURVIVED:
+            elif result.test_outcome == TestOutcome.SURVIVED and _equivalent(module, line, m, result.diff or ""):
                 equivalent += 1
             elif result.test_outcome == TestOutcome.SURVIVED:
                 survived.append((m.operator_name, f"{module}:{m.start_pos[0]}", result.diff or line))
