@@ -318,7 +318,7 @@ def run_module(
     sample: int = 0,
     report_only: bool = False,
     survivors: bool = False,
-) -> Result:
+) -> Result | None:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
@@ -364,7 +364,8 @@ def run_module(
         stamp.write_text(f"{fingerprint} {sample}")
         print(f"{module}: {left} mutants to run against {len(tests)} test selections (baseline {seconds:.0f} s)")
     if report_only and not db_path.exists():
-        sys.exit(f"error: {module}: no session under {home}")
+        print(f"note: {module}: no session under {home}")
+        return None
     if report_only and new:
         print(f"note: {module}: the session ran against an earlier state of the code or tests")
     start = time.perf_counter()
@@ -441,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in modules:
             print(f"{m}: {_count(m)} mutants; tests: {' '.join(MODULES[m])}")
         return 0
-    results = [
+    everything = [
         run_module(m, Path(args.work_dir), args.fresh, args.timeout_factor, args.sample, args.report, args.survivors)
         for m in modules
     ]
+    results = [r for r in everything if r is not None]
     for r in results:
         for operator, where, diff in r.survived:
             print(f"\nsurvived: {where} {operator}\n{diff}")
