@@ -366,7 +366,7 @@ def run_module(
     if report_only and not db_path.exists():
         print(f"note: {module}: no session under {home}")
         return None
-    if report_only and new:
+    if report_only and stamped[:2] != fingerprint.split():
         print(f"note: {module}: the session ran against an earlier state of the code or tests")
     start = time.perf_counter()
     if not report_only:
