@@ -176,6 +176,16 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
         "core/ReplaceComparisonOperator_Lt_LtE",
         "ratio <= 1.0 - eps_low",
     ): "a ratio exactly at 1 - eps_low (the clipped and unclipped terms agree there) counted as clipped or not",
+    (
+        "sampling/strategies.py",
+        "before = jnp.cumsum(probs, axis=-1) - probs",
+        "core/ReplaceUnaryOperator_USub_UAdd",
+    ): "the scores are [rows, vocabulary]: axis 1 is axis -1",
+    (
+        "sampling/strategies.py",
+        "picked = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]",
+        "core/NumberReplacer",
+    ): "column 1 of a [rows, 1] array: JAX clamps the index to 0",
     **{
         (REWARDS, "out.reasons.append(reason if total == 0 or reason else None)", op): (
             "`reason` is None or a non-empty string, so the expression is `reason` whatever the condition"
