@@ -189,6 +189,11 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "the scores are [rows, vocabulary]: axis 1 is axis -1",
     (
         "sampling/strategies.py",
+        "floor = jnp.max(logp, axis=-1, keepdims=True) + jnp.log(min_p)",
+        "core/ReplaceUnaryOperator_USub_UAdd",
+    ): "the scores are [rows, vocabulary]: axis 1 is axis -1",
+    (
+        "sampling/strategies.py",
         "raw = jax.nn.log_softmax(logits, axis=-1)",
         "core/ReplaceUnaryOperator_USub_UAdd",
     ): "the logits are [rows, vocabulary]: axis 1 is axis -1",
@@ -399,6 +404,9 @@ def run_module(
             left = _skip(db, target, sample)
         stamp.write_text(f"{fingerprint} {sample}")
         print(f"{module}: {left} mutants to run against {len(tests)} test selections (baseline {seconds:.0f} s)")
+    if not new and not report_only:
+        # A cut run may have left its last mutant in the copy: the module as it is (unchanged).
+        shutil.copy2(ROOT / "magistral_jax" / module, target)
     if report_only and not db_path.exists():
         print(f"note: {module}: no session under {home}")
         return None
