@@ -6,6 +6,7 @@ import re
 import shutil
 
 import hf_reference as R
+import jax
 import numpy as np
 import pytest
 from helpers import no_hang
@@ -27,6 +28,20 @@ def _edit(directory, fn):
     path = os.path.join(directory, "model.safetensors")
     tensors = fn(load_file(path))
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_dtype_none_keeps_the_checkpoints_parameter_dtype_and_computes_in_bf16(checkpoint):
+    """An fp32 checkpoint loaded with dtype=None: fp32 parameters, bf16 compute, hence exactly the
+    logits of the same checkpoint loaded as bf16 (bf16 parameters and compute), and not fp32's."""
+    kept = mj.load_model(checkpoint, dtype=None)
+    assert {x.dtype for x in jax.tree.leaves(kept.params)} == {np.dtype("float32")}
+    assert (kept.cfg.param_dtype, kept.cfg.dtype) == ("float32", "bfloat16")
+    tokens = np.random.default_rng(1).integers(0, KW["vocab"], (2, 9))
+    bf16 = mj.load_model(checkpoint, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(bf16.params)} == {np.dtype("bfloat16")}
+    np.testing.assert_array_equal(np.asarray(kept.logits(tokens)), np.asarray(bf16.logits(tokens)))
+    fp32 = np.asarray(mj.load_model(checkpoint, dtype="float32").logits(tokens))
+    assert np.abs(np.asarray(kept.logits(tokens)) - fp32).max() > 1e-3 * np.abs(fp32).max()
 
 
 def test_missing_tensor_is_named(checkpoint):
