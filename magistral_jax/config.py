@@ -620,6 +620,7 @@ def parse_yaml(text: str, where: str) -> Any:
     import yaml
 
     try:
+        # str(): libyaml takes exact strings, not subclasses such as `OverrideText`.
         return yaml.load(str(text), Loader=_YAML_LOADER())  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
@@ -689,7 +690,7 @@ def _free_form(value: Any, key: str) -> Any:
 
 def typed_value(value: Any, tp: Any, key: str) -> Any:
     """`value` (command-line text, or a value read from YAML or JSON) as type `tp`: bool, int,
-    float, str, `X | None`, `Literal[...]`, tuples, free-form `dict[str, Any]` or a config
+    float, str, `X | None`, `Literal[...]`, tuples, lists, free-form `dict[str, Any]` or a config
     dataclass (a mapping typed field by field, returned as a dict). A `ConfigError` naming `key`
     and the type expected otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -751,6 +752,11 @@ def typed_value(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)  # YAML read `run_dir: 2024` as a number
         raise wrong()
+    if origin is list:
+        items = parse_yaml(value, key) if isinstance(value, OverrideText) else value
+        if not isinstance(items, list | tuple):
+            raise wrong()
+        return [typed_value(x, args[0] if args else Any, f"{key}[{i}]") for i, x in enumerate(items)]
     if origin is tuple:
         items = parse_yaml(value, key) if isinstance(value, OverrideText) else value
         if not isinstance(items, list | tuple):
@@ -760,11 +766,6 @@ def typed_value(value: Any, tp: Any, key: str) -> Any:
         if len(items) != len(args):
             raise ConfigError(f"{key}: a list of {len(args)} items is expected, got {_show(value)}")
         return tuple(typed_value(x, a, f"{key}[{i}]") for i, (x, a) in enumerate(zip(items, args, strict=True)))
-    if origin is list:
-        items = parse_yaml(value, key) if isinstance(value, OverrideText) else value
-        if not isinstance(items, list | tuple):
-            raise wrong()
-        return [typed_value(x, args[0], f"{key}[{i}]") for i, x in enumerate(items)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise wrong()

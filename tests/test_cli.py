@@ -74,8 +74,8 @@ def test_generate_from_another_directory_is_quiet_and_compiles_once(tekken_check
     from magistral_jax.checkpoint import convert
 
     convert(tekken_checkpoint, tmp_path / "m-orbax", "orbax", progress=False)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.pop("MAGISTRAL_COMPILATION_CACHE")
+    unset = ("XLA_FLAGS", "JAX_PLATFORMS", "MAGISTRAL_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_LOG_COMPILES="1")
     (tmp_path / "work").mkdir()
     args = ["--checkpoint", "../m-orbax/", "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "float32", "--json"]

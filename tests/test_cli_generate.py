@@ -1,12 +1,16 @@
 """`magistral-jax generate` end to end on a tiny model with the Tekken v13 stand-in tokenizer."""
 
+import itertools
 import json
+import shutil
 
 import hf_reference as R
 import numpy as np
 import pytest
 from helpers import run_cli
 
+import magistral_jax as mj
+from magistral_jax.cli import main
 from magistral_jax.tokenizer import load_tokenizer, write_standin_tekken
 
 
@@ -174,3 +178,86 @@ def test_json_records_are_strict_json_when_logprobs_are_not_finite():
     record = json.loads(json_record(_Digits(), out, 0), parse_constant=refuse)
     assert record["logprobs"] == [None, None, -0.25, None] and record["tokens"] == [1044, 1045, 1046, 1047]
     assert record["answer"] == "<1044><1045><1046><1047>" and record["finish_reason"] == "length"
+
+
+def _generate_here(capsys, *args):
+    """`magistral-jax generate ARGS` in this process (compiled programs are shared between calls);
+    returns its standard output."""
+    capsys.readouterr()
+    assert main(["generate", *map(str, args)]) == 0, capsys.readouterr().err[-2000:]
+    return capsys.readouterr().out
+
+
+def _teacher_forced(model, prompt, tokens, temperature):
+    logits = np.asarray(model.logits(np.array([prompt + tokens])), np.float64)[0] / temperature
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+    return logp[np.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1), tokens]
+
+
+def test_json_logprobs_are_tempered_under_the_default_system_prompt(tekken_checkpoint, tmp_path, capsys):
+    """At temperature 0.7 each JSON log-probability is log softmax(logits / 0.7) of a teacher-forced
+    forward over the prompt `generate` should have encoded: the Magistral chat format with the
+    checkpoint's SYSTEM_PROMPT.txt when it ships one, else the family's published prompt."""
+    tokenizer = load_tokenizer(tekken_checkpoint)
+    model = mj.load_model(tekken_checkpoint, dtype="float32")
+    shipped = tmp_path / "with-prompt"
+    shutil.copytree(tekken_checkpoint, shipped)
+    own = "You answer in one short sentence, in the user's language."
+    (shipped / "SYSTEM_PROMPT.txt").write_text(own)
+    for checkpoint, system in ((tekken_checkpoint, tokenizer.default_system_prompt()), (shipped, own)):
+        out = _generate_here(capsys, "--checkpoint", checkpoint, "--prompt", "Hello", "--max-new-tokens", 6, "--n", 2,
+                             "--temperature", 0.7, "--seed", 3, "--dtype", "float32", "--json")  # fmt: skip
+        prompt = tokenizer.encode_chat("Hello", system)
+        for record in map(json.loads, out.splitlines()):
+            want = _teacher_forced(model, prompt, record["tokens"], 0.7)
+            np.testing.assert_allclose(record["logprobs"], want, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def scripted_checkpoint(tmp_path_factory):
+    """A checkpoint that, after any prompt, writes `[THINK]Three plus four[/THINK]It is 7.</s>`:
+    attention and FFN outputs are zeroed, so the logits depend on the current token only, and the
+    output head maps each token of that script to the next one."""
+    import torch
+
+    directory = tmp_path_factory.mktemp("scripted")
+    write_standin_tekken(directory / "tekken.json")
+    tokenizer = load_tokenizer(directory)
+    script = [
+        tokenizer.encode_chat("x", None)[-1],  # [/INST], the last token of every prompt
+        34,  # [THINK]
+        *tokenizer.encode_completion("Three plus four", eos=False),
+        35,  # [/THINK]
+        *tokenizer.encode_completion("It is 7.", eos=False),
+        tokenizer.eos_id,
+    ]
+    assert len(set(script)) == len(script)
+    model = R.causal_lm(seed=6, vocab=131072, dim=32, layers=1, heads=4, kv_heads=2, head_dim=8, hidden=48)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for current, following in itertools.pairwise(script):
+            head[following] = 12.0 * embed[current] / embed[current].norm()
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_json_splits_thinking_and_answer(scripted_checkpoint, capsys):
+    out = _generate_here(capsys, "--checkpoint", scripted_checkpoint, "--prompt", "What is 3 + 4?",
+                         "--temperature", 0, "--max-new-tokens", 20, "--dtype", "float32", "--json")  # fmt: skip
+    (record,) = map(json.loads, out.splitlines())
+    assert (record["thinking"], record["answer"], record["finish_reason"]) == ("Three plus four", "It is 7.", "stop")
+    assert record["text"].startswith("[THINK]Three plus four[/THINK]It is 7.")
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_streamed_text_is_the_final_text_written_once(scripted_checkpoint, capsys, chunk):
+    """Whatever the chunk size, the stream is each section's heading and its text, each byte
+    written once (nothing rewritten), ending with a newline."""
+    args = ["--temperature", 0.7, "--max-new-tokens", 20, "--dtype", "float32", "--chunk", chunk]
+    out = _generate_here(capsys, "--checkpoint", scripted_checkpoint, "--prompt", "What is 3 + 4?", *args)
+    assert out == "--- thinking ---\nThree plus four\n--- answer ---\nIt is 7.\n"

@@ -309,9 +309,14 @@ def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
     from magistral_jax.train.config import load_run_config
 
     run = tmp_path / "run.yaml"
-    run.write_text("kind: sft\noptimizer: {lr: 1e-3, eps: 1E-8}\ngrpo: {eps_high: .3}\nsteps: 1e3\n")
+    run.write_text(
+        "kind: sft\noptimizer: {lr: 1e-3, eps: 1E-8}\ngrpo: {eps_high: .3}\nsteps: 1e3\n"
+        "reward: {name: magistral, l_max: 4e3, tag: '1e3'}\n"
+    )
     cfg = load_run_config(str(run))
     assert (cfg.optimizer.lr, cfg.optimizer.eps, cfg.grpo.eps_high, cfg.steps) == (1e-3, 1e-8, 0.3, 1000)
+    # Free-form sections have no field types to convert to: the YAML reading itself must be right.
+    assert cfg.reward == {"name": "magistral", "l_max": 4000.0, "tag": "1e3"}
     model = tmp_path / "model.yaml"
     model.write_text("preset: tiny\ntext: {norm_eps: 1e-6, rope_theta: 1e6}\n")
     assert (mj.read_config(model).text.norm_eps, mj.read_config(model).text.rope_theta) == (1e-6, 1e6)
@@ -334,6 +339,9 @@ def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
         ("model_overrides.text.n_layer=2", r"model_overrides\.text\.n_layer: unknown key"),
         ("grpo=4", r"grpo: a mapping is expected, got '4'"),
         ("steps.every=4", r"override 'steps\.every=4': steps is not a section"),
+        # Found by the fuzz test: integers beyond 64 bits overflowed float arithmetic in validation.
+        ("grpo.prompts_per_step=1e308", r"grpo\.prompts_per_step: '1e308' is out of range \(64-bit integers\)"),
+        (f"grpo.group_size={10**400}", r"grpo\.group_size: '1000+\.\.\. is out of range"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_type(override, message):
@@ -368,26 +376,34 @@ def test_a_bad_override_fails_before_anything_is_built(monkeypatch, capsys):
     assert "sft.batch_size: a positive integer is expected, got 0" in capsys.readouterr().err
 
 
-def _readme_override_examples() -> list[tuple[str, list[str]]]:
-    """(where, overrides) of every override example of the README: the `KEY=VALUE` arguments of
-    its `magistral-jax train` commands and the strings given to `apply_overrides`."""
+def _readme_override_examples() -> list[tuple[str, str | None, list[str]]]:
+    """(kind, config file, overrides) of every override example of the README: the `KEY=VALUE`
+    arguments of its `magistral-jax train` commands (continued lines joined, shell quoting
+    undone), and `("model", None, ...)` for the strings given to `apply_overrides`."""
     import re
+    import shlex
 
-    readme = open(os.path.join(CONFIGS, os.pardir, "README.md")).read()
+    root = os.path.join(CONFIGS, os.pardir)
+    readme = open(os.path.join(root, "README.md")).read()
     examples = []
     for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
-        for line in block.splitlines():
-            words = line.split("#")[0].split()
-            if words[:2] == ["magistral-jax", "train"]:
-                examples.append(("run", [w for w in words if "=" in w and not w.startswith("-")]))
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command, comments=True)
+            if words[:2] != ["magistral-jax", "train"]:
+                continue
+            config = words[words.index("--config") + 1] if "--config" in words else None
+            config = config if config and os.path.exists(os.path.join(root, config)) else None
+            overrides = [w for w in words if "=" in w and not w.startswith("-")]
+            examples.append((words[2], config and os.path.join(root, config), overrides))
     for call in re.findall(r"apply_overrides\(cfg, \[(.*?)\]\)", readme):
-        examples.append(("model", re.findall(r"\"([^\"]+)\"", call)))
+        examples.append(("model", None, re.findall(r"\"([^\"]+)\"", call)))
     return examples
 
 
 def _help_override_examples() -> list[str]:
-    """The `KEY=VALUE` examples in the `--help` texts (descriptions and options; a `--mesh` value
-    such as `data=1,fsdp=2` is a mesh, not an override)."""
+    """The `KEY=VALUE` examples in the `--help` texts of the commands that take overrides (their
+    descriptions and the overrides' own help; an option's value, `--mesh data=1,fsdp=2` or
+    `--field problem=question`, is no override)."""
     import re
 
     from magistral_jax.cli import build_parser
@@ -396,8 +412,9 @@ def _help_override_examples() -> list[str]:
     (sub,) = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
     texts = []
     for command in sub.choices.values():
-        texts.append(command.description or "")
-        texts += [a.help or "" for a in command._actions if "mesh" not in " ".join(a.option_strings)]
+        positionals = [a for a in command._actions if a.dest == "overrides"]
+        if positionals:
+            texts += [command.description or "", *(a.help or "" for a in positionals)]
     return [m for t in texts for m in re.findall(r"(?<![\w.=,-])[a-z_]+(?:\.[a-z_]+)*=[^\s,;)]+", t)]
 
 
@@ -405,14 +422,22 @@ def test_every_documented_override_example_parses():
     from magistral_jax.train.config import load_run_config
 
     readme = _readme_override_examples()
-    assert {where for where, _ in readme} == {"run", "model"} and sum(len(o) for _, o in readme) >= 3
-    for where, overrides in readme:
-        if where == "run":
-            cfg = load_run_config(GRPO_TINY, overrides, kind="grpo")
-            if "optimizer.lr=1e-3" in overrides:
-                assert cfg.optimizer.lr == 1e-3
-        else:
+    run_examples = [e for e in readme if e[0] != "model"]
+    # The README's quick examples and its recipe chain (over continued lines) are among them.
+    assert ["steps=50", "optimizer.lr=1e-3"] in [o for _, _, o in run_examples]
+    assert sum(len(o) for _, _, o in run_examples) >= 30 and any(e[0] == "model" for e in readme)
+    for kind, config, overrides in readme:
+        if kind == "model":
             apply_overrides(mj.get_preset("tiny"), overrides)
+            continue
+        cfg = load_run_config(config, overrides, kind=kind)
+        for item in overrides:  # each value arrived with its field's type
+            key, _, text = item.partition("=")
+            node = cfg
+            for part in key.split("."):
+                node = node[part] if isinstance(node, dict) else getattr(node, part)
+            if isinstance(node, float):
+                assert node == float(text), item
     in_help = _help_override_examples()
     assert {"optimizer.lr=1e-5", "grpo.group_size=16", "steps=20"} <= set(in_help), in_help
     cfg = load_run_config(None, in_help, kind="grpo")

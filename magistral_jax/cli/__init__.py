@@ -60,17 +60,15 @@ def _set_up_compilation_cache(command: str) -> None:
     path = compilation_cache_dir()
     # JAX reads these variables when it is imported (not yet, here); its child processes too.
     if path is None:
-        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     else:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = path
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(CACHE_MIN_COMPILE_SECONDS))
     if "jax" in sys.modules:  # imported already (`main` called from Python)
         import jax
 
-        if path is None:
-            jax.config.update("jax_enable_compilation_cache", False)
-        else:
-            jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_compilation_cache_dir", path)
+        if path is not None:
             min_seconds = float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
             jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 

@@ -423,5 +423,9 @@ def test_nonfinite_values_are_counted_in_every_float_type(dtype):
     assert count_nonfinite(block) == 0
     # The largest finite values (whose sum overflows) and a zero-size block are finite.
     assert count_nonfinite(np.full(9, np.finfo(dtype).max, dtype)) == 0 and count_nonfinite(block[:0]) == 0
+    for value in (np.nan, np.inf, -np.inf):  # each alone: the fast pass must see every one
+        alone = block.copy()
+        alone[4, 7] = value
+        assert count_nonfinite(alone) == 1, value
     block[0, 1], block[2, 2], block[5, 9] = np.nan, np.inf, -np.inf
     assert count_nonfinite(block) == 3

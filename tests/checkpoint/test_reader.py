@@ -6,6 +6,7 @@ import re
 import shutil
 
 import hf_reference as R
+import jax
 import numpy as np
 import pytest
 from helpers import no_hang
@@ -27,6 +28,20 @@ def _edit(directory, fn):
     path = os.path.join(directory, "model.safetensors")
     tensors = fn(load_file(path))
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_dtype_none_keeps_the_checkpoints_parameter_dtype_and_computes_in_bf16(checkpoint):
+    """An fp32 checkpoint loaded with dtype=None: fp32 parameters, bf16 compute, hence exactly the
+    logits of the same checkpoint loaded as bf16 (bf16 parameters and compute), and not fp32's."""
+    kept = mj.load_model(checkpoint, dtype=None)
+    assert {x.dtype for x in jax.tree.leaves(kept.params)} == {np.dtype("float32")}
+    assert (kept.cfg.param_dtype, kept.cfg.dtype) == ("float32", "bfloat16")
+    tokens = np.random.default_rng(1).integers(0, KW["vocab"], (2, 9))
+    bf16 = mj.load_model(checkpoint, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(bf16.params)} == {np.dtype("bfloat16")}
+    np.testing.assert_array_equal(np.asarray(kept.logits(tokens)), np.asarray(bf16.logits(tokens)))
+    fp32 = np.asarray(mj.load_model(checkpoint, dtype="float32").logits(tokens))
+    assert np.abs(np.asarray(kept.logits(tokens)) - fp32).max() > 1e-3 * np.abs(fp32).max()
 
 
 def test_missing_tensor_is_named(checkpoint):
@@ -82,6 +97,18 @@ def test_index_listing_a_missing_shard(checkpoint):
         mj.load_model(checkpoint)
 
 
+def test_a_vision_config_over_text_only_weights_names_the_directory(checkpoint):
+    # Found by the fuzz test: the layout's error named neither the directory nor the config.
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    mistral3 = {"model_type": "mistral3", "text_config": cfg, "projector_hidden_act": "gelu"}
+    mistral3["vision_config"] = {**vision, "patch_size": 14, "image_size": 112, "hidden_act": "silu"}
+    (checkpoint / "config.json").write_text(json.dumps(mistral3))
+    message = f"{re.escape(str(checkpoint))}: the hf-text layout .* has no vision weights, but its config describes"
+    with pytest.raises(CheckpointError, match=message):
+        mj.load_model(checkpoint)
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         mj.load_model(tmp_path)
@@ -121,8 +148,8 @@ def orbax_checkpoint(tmp_path_factory):
 
 def test_relative_paths_to_an_orbax_checkpoint_work(orbax_checkpoint, tmp_path, monkeypatch):
     # Orbax's own API refuses relative paths ("Checkpoint path should be absolute").
+    from magistral_jax.train.build import build_model
     from magistral_jax.train.config import load_run_config
-    from magistral_jax.train.loop import build_model
 
     def weights(model):
         return [np.asarray(model.params["embed"]), np.asarray(model.params["layers"]["wq"])]
@@ -171,8 +198,8 @@ def _poison(directory, name, index):
 
 
 def test_nan_weights_are_refused_for_training_naming_the_tensor(checkpoint):
+    from magistral_jax.train.build import build_model
     from magistral_jax.train.config import load_run_config
-    from magistral_jax.train.loop import build_model
 
     _poison(checkpoint, "model.layers.1.mlp.up_proj.weight", (3, 5))
     model = mj.load_model(checkpoint, dtype="float32")  # inference: loaded as it is

@@ -1,5 +1,8 @@
 """The decoder: parameter declarations of the 24B presets, the KV cache, remat and attention options."""
 
+import collections
+import contextlib
+import io
 import math
 
 import jax
@@ -119,6 +122,73 @@ def test_remat_policies_keep_loss_and_gradients(policy, no_remat_reference):
     # The policy is really applied: the backward pass recomputes inside a remat region.
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: decoder.forward(p, tokens, cfg)[0].sum()))(params))
     assert "checkpoint" in jaxpr or "remat" in jaxpr
+
+
+# Every dimension distinct, so each saved residual's shape says what it is.
+L, B, T, D, N, G, K, F = 2, 3, 5, 24, 4, 2, 12, 40
+SAVED = {
+    "full": [(L, B, T, D)],  # each layer's input, nothing else
+    "save_qkv": [(L, B, T, D), (L, B, T, N, K), (L, B, T, G, K), (L, B, T, G, K)],
+    # q, k, v, the attention output projection, the FFN gate and up projections (the down
+    # projection's output feeds only a sum: the backward pass never needs it)
+    "save_matmuls": [
+        (L, B, T, D),
+        (L, B, T, N, K),
+        (L, B, T, G, K),
+        (L, B, T, G, K),
+        (L, B, T, D),
+        (L, B, T, F),
+        (L, B, T, F),
+    ],
+}
+
+
+def _saved_by_the_layer_scan(policy):
+    """Shapes of the per-layer residuals that the backward pass of the forward keeps (the layer
+    scan's stacked outputs), as `jax.ad_checkpoint.print_saved_residuals` reports them."""
+    cfg = _tiny(
+        remat=policy,
+        **{"text.n_layers": L, "text.dim": D, "text.n_heads": N, "text.n_kv_heads": G, "text.head_dim": K},
+        **{"text.hidden_dim": F},
+    )
+    params = jax.eval_shape(lambda: mj.init_model(cfg, 0).params)
+    tokens = jnp.zeros((B, T), jnp.int32)
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        jax.ad_checkpoint.print_saved_residuals(lambda p: decoder.forward(p, tokens, cfg)[0], params)
+    shapes = []
+    for line in report.getvalue().splitlines():
+        dims = tuple(int(d) for d in line[line.index("[") + 1 : line.index("]")].split(",") if d)
+        if "output of scan" in line and dims[:2] == (L, B):
+            shapes.append(dims)
+    return collections.Counter(shapes)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_qkv", "save_matmuls"])
+def test_each_remat_policy_saves_exactly_its_named_residuals(policy):
+    assert _saved_by_the_layer_scan(policy) == collections.Counter(SAVED[policy])
+
+
+def test_no_remat_saves_more_than_every_policy():
+    saved = _saved_by_the_layer_scan("none")
+    assert saved > collections.Counter(SAVED["save_matmuls"])
+    assert (L, B, G, N // G, T, T) in saved  # the attention probabilities, at least
+
+
+def test_fp32_master_weights_compute_exactly_as_their_bf16_rounding():
+    """Parameters stored in fp32, computed in bf16: every matmul sees the bf16-rounded weights, so
+    the logits equal, bit for bit, those of the same weights stored in bf16; and they differ from
+    fp32 compute by bf16-sized errors (neither 0 nor large)."""
+    cfg = _tiny(param_dtype="float32", dtype="bfloat16")
+    master = mj.init_model(cfg, 5).params
+    tokens = np.random.default_rng(5).integers(0, 256, (2, 12))
+    got = np.asarray(mj.Model(cfg, master).logits(tokens))
+    rounded = jax.tree.map(lambda w: w.astype(jnp.bfloat16), master)
+    stored_bf16 = np.asarray(mj.Model(cfg.replace(param_dtype="bfloat16"), rounded).logits(tokens))
+    np.testing.assert_array_equal(got, stored_bf16)
+    fp32 = np.asarray(mj.Model(cfg.replace(dtype="float32"), master).logits(tokens))
+    relative = np.abs(got - fp32).mean() / np.abs(fp32).mean()
+    assert 2**-12 < relative < 2**-4, relative
 
 
 def test_bf16_compute_with_fp32_master_weights():

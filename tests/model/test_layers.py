@@ -1,6 +1,8 @@
 """RMSNorm, RoPE and segment positions against closed forms and hand-worked cases."""
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from magistral_jax.model.layers import apply_rope, rms_norm, segment_positions, text_rope_angles
@@ -15,6 +17,14 @@ def test_rms_norm_closed_form():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_rms_norm_epsilon_where_it_matters():
+    # Rows whose mean square (1e-4) is comparable to eps (1e-4): the closed form with eps added.
+    x = np.random.default_rng(2).normal(size=(3, 32)) * 1e-2
+    expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-4)
+    got = rms_norm(jnp.asarray(x, jnp.float32), jnp.ones(32, jnp.float32), 1e-4)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
 def test_rms_norm_keeps_input_dtype_and_normalises_in_fp32():
     # bf16 input with a large common offset: fp32 statistics keep the result finite and exact
     # up to the final bf16 cast.
@@ -22,6 +32,26 @@ def test_rms_norm_keeps_input_dtype_and_normalises_in_fp32():
     y = rms_norm(x, jnp.ones(8, jnp.bfloat16), 1e-5)
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32), 1.0, rtol=1e-2)
+
+
+def test_rms_norm_of_wide_bf16_rows_takes_its_statistics_in_fp32():
+    """5,120-wide bf16 rows of different scales (the 24B's width): float32 statistics give, element
+    for element, the closed form normalised exactly and rounded to bf16 before the bf16 weight.
+    Statistics in bf16 put a rounding error of up to 2^-9 on each row's scale, which moves about a
+    third of the elements by a bf16 step or more."""
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(8, 5120)) * rng.uniform(0.5, 40.0, size=(8, 1))).astype(bf16)
+    w = rng.normal(1.0, 0.3, size=5120).astype(bf16)
+    x64 = x.astype(np.float64)
+    normed = x64 / np.sqrt(np.mean(x64**2, axis=-1, keepdims=True) + 1e-5)
+    expected = (normed.astype(bf16).astype(np.float64) * w.astype(np.float64)).astype(bf16)
+    got = np.asarray(jax.jit(rms_norm, static_argnums=2)(jnp.asarray(x), jnp.asarray(w), 1e-5))
+    assert got.dtype == bf16
+    # Rounding the exact value straight to bf16 and rounding float32 statistics to bf16 may differ
+    # on a rare tie; nothing else may.
+    assert np.mean(got == expected) > 0.999
+    np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), rtol=2**-8)
 
 
 def _interleaved_rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:

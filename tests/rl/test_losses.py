@@ -1,5 +1,6 @@
 """The GRPO-family objectives against separate NumPy implementations of their formulas."""
 
+import dataclasses
 import zlib
 
 import jax
@@ -152,6 +153,17 @@ def test_clip_higher_at_hand_worked_ratios():
     np.testing.assert_allclose(np.asarray(loss), [-2.56, -2.2, 0.8, 0.9], rtol=1e-6)
     assert np.asarray(high).tolist() == [True, False, False, False]
     assert np.asarray(low).tolist() == [False, False, True, False]
+
+
+def test_zero_advantage_tokens_are_never_counted_as_clipped():
+    # With A = 0 both terms of the objective are 0: clipping changes nothing, whatever the ratio.
+    _, low, high = token_losses(jnp.log(jnp.array([0.5, 1.5])), jnp.zeros(2), jnp.zeros(2), 0.2, 0.28)
+    assert not np.asarray(low).any() and not np.asarray(high).any()
+
+
+def test_registered_variants_cannot_be_changed_in_place():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_variant("magistral").filter_constant_groups = False
 
 
 def test_unknown_variant():

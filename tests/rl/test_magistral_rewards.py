@@ -4,9 +4,12 @@ import re
 import shutil
 import time
 
+import math_verify
 import pytest
 
+from magistral_jax.rl import magistral_rewards
 from magistral_jax.rl.magistral_rewards import (
+    code_correct,
     detect_language,
     language_consistent,
     language_sample,
@@ -17,6 +20,8 @@ from magistral_jax.rl.magistral_rewards import (
     split_format,
     strip_latex_and_code,
 )
+from magistral_jax.rl.rewards import get_reward
+from magistral_jax.rl.sandbox import Limits
 
 PROBLEM_EN = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?"
 PROBLEM_FR = "Marie a 3 pommes et en reçoit 4 de plus. Combien de pommes Marie a-t-elle maintenant ?"
@@ -305,3 +310,73 @@ def test_an_overlong_boxed_answer_is_wrong_without_parsing():
     start = time.perf_counter()
     assert score(f"[THINK]{THINK_EN}[/THINK]\\boxed{{{tower}}}", answer="9")[1]["correct"] == 0.0
     assert time.perf_counter() - start < 2.0
+
+
+def test_the_reward_is_registered_under_its_name():
+    assert get_reward("magistral") is magistral
+
+
+def test_the_problem_defaults_to_the_prompt_and_no_length_means_no_penalty():
+    # No `problem` field: the prompt is the problem (French here, so English reasoning disagrees);
+    # no `completion_ids` nor `n_tokens`: nothing to penalise, whatever l_max.
+    out = magistral([PROBLEM_FR], [f"[THINK]{THINK_EN}[/THINK]{ANSWER_EN}"], answer=["7"], l_max=1, l_cache=1)
+    assert out.components["language"] == [0.0] and out.components["length"] == [0.0]
+    assert out.rewards == [pytest.approx(1.0)] and out.reasons[0].startswith("languages differ")
+
+
+def test_math_correct_without_a_boxed_answer_or_when_math_verify_fails(monkeypatch):
+    assert math_correct("The answer is 7.", "7") is False
+    assert math_correct("\\boxed{7}", "7") is True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unparsable")
+
+    monkeypatch.setattr(math_verify, "verify", broken)
+    assert math_correct("\\boxed{7}", "7") is False
+
+
+def test_code_correct_refuses_what_it_cannot_run(monkeypatch):
+    program = "```python\nprint(3)\n```"
+    assert code_correct("print(3)", ADD_TESTS, 0) == (False, "code: no fenced block")
+    assert code_correct("```rust\nfn main() {}\n```", ADD_TESTS, 0) == (
+        False,
+        "code: language 'rust' is not run (python or cpp)",
+    )
+    assert code_correct(program, [], 0) == (False, "code: the problem has no tests")
+    monkeypatch.setattr(magistral_rewards.shutil, "which", lambda name: None)
+    assert code_correct("```cpp\nint main() {}\n```", ADD_TESTS, 0) == (False, "code: no C++ compiler on this machine")
+
+
+def test_code_correct_names_the_failing_test_in_order_and_honours_its_limits():
+    tests = [{"input": f"{i} 0\n", "output": f"{i}\n"} for i in range(3)]
+    wrong = "```python\na, b = map(int, input().split())\nprint(a + b + (a == 1))\n```"
+    # As many tests as max_tests: all run, in their order (seed 0 would shuffle a draw to 1, 2, 0).
+    assert code_correct(wrong, tests, 0, max_tests=3) == (False, "code: test 2/3: wrong output")
+    crash = "```python\na, b = map(int, input().split())\nassert a != 1\nprint(a + b)\n```"
+    ok, reason = code_correct(crash, tests, 0, max_tests=3)
+    assert not ok and reason.startswith("code: test 2/3: ")
+    slow = "```python\nimport time\ntime.sleep(3)\n```"
+    ok, reason = code_correct(slow, tests, 0, limits=Limits(timeout=0.5))
+    assert not ok and "time" in reason
+
+
+def test_code_correct_draws_at_most_20_tests_by_default():
+    # 21 tests, the program fails only the last; seed 1 draws 20 without it.
+    tests = [{"input": f"{i} 0\n", "output": f"{i + (i == 20)}\n"} for i in range(21)]
+    program = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    assert code_correct(program, tests, 1) == (True, None)
+    assert code_correct(program, tests, 1, max_tests=21)[0] is False
+
+
+def test_the_rewards_defaults_a_4096_token_cache_and_20_tests():
+    # l_max 8192 and 6144 tokens: half-way through the default l_cache of 4096, -0.05.
+    _, comps, _ = score(f"[THINK]{THINK_EN}[/THINK]{ANSWER_EN}", n_tokens=[6144], l_max=8192)
+    assert comps["length"] == pytest.approx(-0.05, abs=1e-9)
+    tests = [{"input": f"{i} 0\n", "output": f"{i + (i == 20)}\n"} for i in range(21)]  # fails the last only
+    reward, reason = code_reward("a, b = map(int, input().split())\nprint(a + b)", tests=tests, test_seed=[1])
+    assert (reward, reason) == (pytest.approx(1.0), None)  # seed 1 draws 20 tests without the last
+
+
+def test_an_unknown_language_name_is_refused():
+    with pytest.raises(ValueError, match="languages"):
+        detect_language("A sentence long enough to be identified.", languages=("english", "klingon"))

@@ -1,9 +1,13 @@
-"""Token choice: greedy, temperature, top-k, top-p, min-p against hand-worked supports and frequencies."""
+"""Token choice: greedy, temperature, top-k, top-p, min-p against hand-worked supports and frequencies,
+and against transformers' own logits processors at temperatures other than 1."""
 
+import hf_reference as R
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from transformers import GenerationConfig
 
 from magistral_jax.sampling.strategies import GREEDY, SamplingParams, choose
 
@@ -52,6 +56,47 @@ def test_temperature_sampling_frequencies_and_logprobs():
     assert np.all(np.abs(freqs - tempered) < 4 * np.sqrt(tempered * (1 - tempered) / len(tokens)))
     np.testing.assert_allclose(logprobs, np.log(tempered)[tokens], rtol=1e-5)
     np.testing.assert_allclose(raw, np.log(PROBS)[tokens], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def transformers_warpers():
+    """`(temperature, top_k, top_p, min_p) -> processed scores`: the warpers transformers' `generate`
+    builds for sampling with those settings, in its order."""
+    model = R.causal_lm(seed=0, vocab=8, dim=8, layers=1, heads=2, kv_heads=1, head_dim=4, hidden=16)
+
+    def warp(logits, temperature, top_k, top_p, min_p):
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        processors = model._get_logits_processor(config, device="cpu")
+        scores = processors(torch.zeros((1, 1), dtype=torch.long), torch.tensor(logits[None], dtype=torch.float32))
+        return scores[0].numpy()
+
+    return warp
+
+
+# Six tokens; each case's support changes if the filters run before the temperature (the first
+# three) or top-p before top-k (the fourth).
+WIDE = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])) + 1.5
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p", "min_p"),
+    [(2.0, 0, 0.7, None), (0.5, 0, 0.8, None), (2.0, 0, 1.0, 0.3), (1.5, 3, 0.7, None), (0.7, 4, 0.9, 0.1)],
+)
+def test_filters_follow_transformers_order_at_temperatures_other_than_1(
+    transformers_warpers, temperature, top_k, top_p, min_p
+):
+    scores = transformers_warpers(WIDE, temperature, top_k, top_p, min_p)
+    kept = np.isfinite(scores)
+    want = np.where(kept, np.exp(scores - scores[kept].max()), 0.0)
+    want /= want.sum()
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p or 0.0)
+    tokens, logprobs, _ = _draw(params, logits=WIDE, n=6000, seed=3)
+    assert set(tokens.tolist()) == set(np.flatnonzero(kept).tolist())
+    freqs = np.bincount(tokens, minlength=len(WIDE)) / len(tokens)
+    assert np.all(np.abs(freqs - want) <= 4 * np.sqrt(want * (1 - want) / len(tokens)) + 1e-9)
+    # The reported log-probability is the tempered one over the whole vocabulary, not the truncated one.
+    tempered = WIDE / temperature - np.log(np.sum(np.exp(WIDE / temperature)))
+    np.testing.assert_allclose(logprobs, tempered[tokens], rtol=1e-5)
 
 
 def test_logprobs_ignore_the_truncation():

@@ -150,3 +150,14 @@ def test_schedule_warmup_and_cosine():
     np.testing.assert_allclose(float(schedule(14)), 0.1, rtol=1e-6)
     with pytest.raises(ValueError, match=r"optimizer\.schedule"):
         OptimizerConfig(schedule="linear")
+
+
+def test_each_finite_update_advances_the_schedule_by_one_step():
+    model = mj.init_model(_cfg(), 8)
+    optimizer = OptimizerConfig(lr=1e-3, warmup_steps=4)
+    trainer = Trainer(model, optimizer, Objective(), total_steps=10, chunk=8)
+    microbatches = pack(_grpo_items(seed=8), row_len=16, rows=16).microbatches
+    lrs = [trainer.train_step(microbatches)["lr"] for _ in range(3)]
+    # Linear warm-up to 1e-3 over 4 updates, the first already non-zero: 1/5, 2/5, 3/5 of it.
+    np.testing.assert_allclose(lrs, [2e-4, 4e-4, 6e-4], rtol=1e-6)
+    assert trainer.step == 3

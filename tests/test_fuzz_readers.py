@@ -176,7 +176,7 @@ def test_safetensors_headers(safetensors_file, tmp_path):
     n = int.from_bytes(safetensors_file[:8], "little")
     header, data = json.loads(safetensors_file[8 : 8 + n]), safetensors_file[8 + n :]
     path = tmp_path / "fuzzed.safetensors"
-    for case in range(200):
+    for case in range(300):
         if case % 3:
             raw = deepen(json.dumps(mutate_structure(header, rng))).encode()
             blob = len(raw).to_bytes(8, "little") + raw + data
@@ -300,7 +300,7 @@ def test_configs(tmp_path, hf_checkpoint):
         ("run.yaml", run_config, load_run_config),
         ("model.yaml", model_config, mj.read_config),
     ]
-    for case in range(250):
+    for case in range(600):
         fname, base, reader = cases[case % len(cases)]
         raw = _text(mutate_structure(base, rng), rng, fname.endswith(".yaml"))
         path = tmp_path / fname
