@@ -163,7 +163,7 @@ def test_zero_advantage_tokens_are_never_counted_as_clipped():
 
 def test_registered_variants_cannot_be_changed_in_place():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        get_variant("magistral").filter_constant_groups = False
+        get_variant("magistral").filter_groups = False
 
 
 def test_unknown_variant():
