@@ -25,6 +25,8 @@ import random
 import re
 import time
 
+from magistral_jax.cli.devices import simulate_devices
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -52,13 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "half train (needs --devices 2 or more)",
     )
     p.set_defaults(run=run)
-
-
-def simulate_devices(n: int) -> None:
-    """Asks XLA for `n` CPU devices; must happen before the first JAX computation."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 LEVELS = (1, 3)  # one-digit addition and multiplication
