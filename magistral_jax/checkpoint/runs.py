@@ -11,6 +11,7 @@ where the run has no evaluation), `latest`, or a step number.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -58,6 +59,11 @@ def run_model_config(run_dir: str) -> ModelConfig:
     )
 
 
+def _quiet_unevaluated_saves(record: logging.LogRecord) -> bool:
+    # Orbax warns at every save without metrics once the best is tracked: most steps are not evaluated.
+    return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
 def checkpoint_manager(run_dir: str, keep: int = 1, *, read_only: bool = True):
     """The run's Orbax CheckpointManager: it keeps the last `keep` steps and the best evaluated one."""
     import orbax.checkpoint as ocp
@@ -68,6 +74,9 @@ def checkpoint_manager(run_dir: str, keep: int = 1, *, read_only: bool = True):
         [pp.LatestN(keep), pp.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False)]
     )
     # `best_fn` makes Orbax write each checkpoint's metrics to disk, so the best survives a restart.
+    absl_logger = logging.getLogger("absl")
+    if _quiet_unevaluated_saves not in absl_logger.filters:
+        absl_logger.addFilter(_quiet_unevaluated_saves)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=metric, create=not read_only, read_only=read_only
     )

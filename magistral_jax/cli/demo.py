@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 
 from magistral_jax.cli.devices import simulate_devices
@@ -54,6 +55,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "half train (needs --devices 2 or more)",
     )
     p.set_defaults(run=run)
+
+
+def recipe(name: str) -> str:
+    """The path of a recipe of the repository's `configs/` (a source checkout, or the copy a package
+    install puts under `<prefix>/share/magistral-jax/configs`)."""
+    from magistral_jax.config import ConfigError
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (
+        os.path.join(here, os.pardir, os.pardir, "configs"),
+        os.path.join(sys.prefix, "share", "magistral-jax", "configs"),
+    ):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    raise ConfigError(f"configs/{name}: not found beside the package nor under {sys.prefix}/share/magistral-jax")
 
 
 LEVELS = (1, 3)  # one-digit addition and multiplication
@@ -138,9 +155,8 @@ def run(args: argparse.Namespace) -> int:
     from magistral_jax.data.procedural import Example
     from magistral_jax.data.sources import problem_fields
     from magistral_jax.tokenizer import SubsetTokenizer, load_tokenizer, write_standin_tekken
-    from magistral_jax.train.config import AsyncConfig, GRPOConfig, RunConfig, SFTConfig
+    from magistral_jax.train.config import load_run_config
     from magistral_jax.train.loop import run as train
-    from magistral_jax.train.step import OptimizerConfig
 
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -153,20 +169,9 @@ def run(args: argparse.Namespace) -> int:
     for p in sft_set + grpo_set + eval_set:
         corpus += base.encode_chat(p.problem) + base.encode_completion(p.trace)
     tokenizer = SubsetTokenizer(base, corpus)
-    from magistral_jax import get_preset
+    from magistral_jax.checkpoint.configs import read_config
 
-    cfg = get_preset("tiny").replace(
-        **{
-            "name": "demo",
-            "text.vocab_size": tokenizer.vocab_size,
-            "text.dim": 128,
-            "text.n_layers": 4,
-            "text.n_heads": 4,
-            "text.n_kv_heads": 2,
-            "text.head_dim": 32,
-            "text.hidden_dim": 384,
-        }
-    )
+    cfg = read_config(recipe("demo-model.yaml")).replace(**{"text.vocab_size": tokenizer.vocab_size})
     n_dev = len(jax.devices())
     mesh = make_mesh(data=2 if n_dev % 2 == 0 and n_dev > 1 else 1, fsdp=-1) if n_dev > 1 else None
     model = init_model(cfg, args.seed, mesh=mesh)
@@ -187,50 +192,21 @@ def run(args: argparse.Namespace) -> int:
 
         return encode
 
-    sft = RunConfig(
-        kind="sft",
-        run_dir=os.path.join(args.out, "sft"),
-        steps=args.sft_steps,
-        checkpoint_every=args.sft_steps,
-        keep_checkpoints=1,
-        seed=args.seed,
-        microbatch_tokens=2048,  # the 32 examples of a step, one 64-slot row each: one microbatch, no padding rows
-        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=10, schedule="cosine", weight_decay=0.01),
-        sft=SFTConfig(batch_size=32),
-    )
+    def run_overrides(kind: str, steps: int) -> list[str]:
+        where = os.path.join(args.out, kind)
+        return [f"run_dir={where}", f"steps={steps}", f"checkpoint_every={steps}", f"seed={args.seed}"]
+
+    sft = load_run_config(recipe("demo-sft.yaml"), run_overrides("sft", args.sft_steps))
     print(f"demo: SFT cold start, {args.sft_steps} steps on worked traces")
     train(sft, tokenizer=tokenizer, source=ProblemSource(sft_set, encoder(True), seed=args.seed), model=model)
     before = evaluate(model, tokenizer, eval_set, args.seed)
 
-    grpo = RunConfig(
-        kind="grpo",
-        run_dir=os.path.join(args.out, "grpo"),
-        steps=args.grpo_steps,
-        checkpoint_every=args.grpo_steps,
-        keep_checkpoints=1,
-        seed=args.seed,
-        microbatch_tokens=4096,
-        optimizer=OptimizerConfig(lr=3e-4, warmup_steps=5),
-        grpo=GRPOConfig(
-            loss="magistral",
-            eps_low=0.2,
-            eps_high=0.28,
-            group_size=8,
-            prompts_per_step=16,
-            max_new_tokens=40,
-            temperature=1.0,
-            reward_workers=0,
-        ),
-        reward={"name": "magistral", "style": "think_tokens"},
-        async_rl=AsyncConfig(
-            enabled=True,
-            generator_devices=n_dev // 2,
-            trainer_devices=n_dev - n_dev // 2,
-            max_prompt_len=max(len(tokenizer.encode_chat(p.problem)) for p in grpo_set),
-        )
-        if args.asynchronous
-        else AsyncConfig(),
-    )
+    overrides = run_overrides("grpo", args.grpo_steps)
+    if args.asynchronous:
+        longest = max(len(tokenizer.encode_chat(p.problem)) for p in grpo_set)
+        overrides += ["async_rl.enabled=true", f"async_rl.generator_devices={n_dev // 2}"]
+        overrides += [f"async_rl.trainer_devices={n_dev - n_dev // 2}", f"async_rl.max_prompt_len={longest}"]
+    grpo = load_run_config(recipe("demo-grpo.yaml"), overrides)
     mode = f"asynchronous, {n_dev // 2} generator / {n_dev - n_dev // 2} trainer devices" if args.asynchronous else ""
     print(f"demo: GRPO, {args.grpo_steps} steps with the Magistral reward on unseen problems {mode}".rstrip())
     train(grpo, tokenizer=tokenizer, source=ProblemSource(grpo_set, encoder(False), seed=args.seed), model=model)

@@ -20,9 +20,10 @@ whitespace), the same subset for every completion of a group (chosen by the `tes
 each in the sandbox (`rl.sandbox`) with 4 s and 300 MB; C++ is compiled as C++20 within 10 s.
 
 Language: LaTeX, code blocks and inline code are removed from each part, and each is classified by
-lingua (which ships its model) among `languages`; the bonus needs all three identified and in one
-language (a part with fewer than `MIN_LETTERS` letters left cannot be identified: no bonus). A part
-longer than three `SAMPLE_CHARS` windows is classified by its start, middle and end.
+lingua (which ships its model) among `languages`; the bonus needs problem and thinking identified
+and in one language, and the answer in the same one unless it has no prose to identify
+(`language_consistent`; a part with fewer than `MIN_LETTERS` letters left cannot be identified). A
+part longer than three `SAMPLE_CHARS` windows is classified by its start, middle and end.
 
 Bounds: every component's work is bounded (a completion is hostile input). The language check
 reads at most three windows per part; a boxed answer longer than `MAX_BOXED_CHARS` is wrong
@@ -236,18 +237,21 @@ def detect_language(text: str, languages: Sequence[str] = LANGUAGES) -> str | No
 def language_consistent(
     problem: str, thinking: str, answer: str, languages: Sequence[str] = LANGUAGES
 ) -> tuple[bool, str]:
-    """Whether problem, thinking and answer are all in one language, and what was found.
+    """Whether problem, thinking and answer are in one language, and what was found.
 
-    The paper grants the bonus "if ... all three parts used the same language": each part must be
-    identified. A part with fewer than `MIN_LETTERS` letters once LaTeX and code are removed (a bare
-    `\\boxed{42}` answer, a thinking block of formulas only) cannot be, so it earns no bonus;
-    skipping it would let a completion collect the bonus by leaving parts without words.
+    The paper grants the bonus when "all three parts used the same language". Problem and thinking
+    must both be identified and agree: a thinking block without words (formulas only) or a problem
+    too short to tell earns no bonus, so the bonus cannot be collected by leaving a part wordless.
+    The answer must agree when it can be identified; one without prose (a bare `\\boxed{42}`, a
+    code block alone, as code answers often are) has no language to mix and does not block it. A
+    part cannot be identified with fewer than `MIN_LETTERS` letters once LaTeX and code are removed.
     """
     found = {
         part: detect_language(text, languages)
         for part, text in (("problem", problem), ("thinking", thinking), ("answer", answer))
     }
-    agree = None not in found.values() and len(set(found.values())) == 1
+    named = {v for v in found.values() if v is not None}
+    agree = found["problem"] is not None and found["thinking"] is not None and len(named) == 1
     return agree, ", ".join(f"{k}: {v or 'too short to identify'}" for k, v in found.items())
 
 

@@ -138,20 +138,29 @@ def test_detects_the_seven_languages_with_latex_and_code_removed(text, language)
 @pytest.mark.parametrize(
     ("problem", "thinking", "answer"),
     [
-        (PROBLEM_FR, THINK_FR, "\\boxed{7}"),  # a bare boxed answer
-        (PROBLEM_FR, "$3 + 4 = 7$", ANSWER_FR),  # thinking in formulas only
+        (PROBLEM_FR, "$3 + 4 = 7$", ANSWER_FR),  # a thinking block of formulas only
         (PROBLEM_FR, "3+4=7", "\\boxed{7}"),  # only the problem has words: nothing to compare it with
-        ("$3 + 4$?", THINK_FR, ANSWER_FR),
+        ("$3 + 4$?", THINK_FR, ANSWER_FR),  # a problem too short to tell its language
     ],
 )
-def test_the_language_bonus_needs_all_three_parts_identified(problem, thinking, answer):
-    # The paper: the bonus is given "if ... all three parts used the same language". A part too short
-    # to identify (fewer than MIN_LETTERS letters once LaTeX and code are gone) cannot show that.
+def test_the_language_bonus_needs_problem_and_thinking_identified(problem, thinking, answer):
+    # The paper: the bonus is given "if ... all three parts used the same language". A problem or a
+    # thinking block too short to identify (fewer than MIN_LETTERS letters once LaTeX and code are
+    # gone) cannot show that: no bonus, so a wordless thinking block cannot collect it.
     assert detect_language("$x^2 + 1$ = 7") is None  # nothing but LaTeX and a number
     agree, found = language_consistent(problem, thinking, answer)
     assert not agree and "too short to identify" in found
     reward, comps, reason = score(f"[THINK]{thinking}[/THINK]{answer}", problem=problem)
     assert comps["language"] == 0.0 and reward == pytest.approx(1.0) and "too short to identify" in reason
+
+
+def test_an_answer_without_prose_does_not_block_the_language_bonus():
+    # A bare boxed answer, or a code answer that is a code block alone, has no language to mix.
+    assert language_consistent(PROBLEM_FR, THINK_FR, "\\boxed{7}")[0]
+    assert language_consistent(PROBLEM_FR, THINK_FR, "```python\nprint(7)\n```")[0]
+    assert score(f"[THINK]{THINK_FR}[/THINK]\\boxed{{7}}", problem=PROBLEM_FR)[0] == pytest.approx(1.1)
+    # An answer with prose must agree.
+    assert not language_consistent(PROBLEM_FR, THINK_FR, ANSWER_EN)[0]
     assert language_consistent(PROBLEM_FR, THINK_FR, ANSWER_FR)[0]
 
 
