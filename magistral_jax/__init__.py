@@ -22,10 +22,10 @@ _EXPORTS = {
     "ModelConfig": "magistral_jax.config",
     "TextConfig": "magistral_jax.config",
     "VisionConfig": "magistral_jax.config",
-    "from_hf_config": "magistral_jax.config",
-    "from_mistral_params": "magistral_jax.config",
+    "from_hf_config": "magistral_jax.checkpoint.configs",
+    "from_mistral_params": "magistral_jax.checkpoint.configs",
     "get_preset": "magistral_jax.config",
-    "read_config": "magistral_jax.config",
+    "read_config": "magistral_jax.checkpoint.configs",
     "make_mesh": "magistral_jax.sharding",
 }
 

@@ -284,6 +284,37 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return Tokenizer(path)
 
 
+def resolve_system_prompt(
+    choice: str,
+    tokenizer: Tokenizer | SubsetTokenizer,
+    purpose: Literal["chat", "training"],
+    *,
+    checkpoint: str | None = None,
+    setting: str = "system_prompt",
+) -> str | None:
+    """The system prompt `choice` names: `none` (no system prompt), a text file, or `default`,
+    which depends on the purpose:
+    - `chat` (what `generate` and `eval` say to a checkpoint): the `SYSTEM_PROMPT.txt` that
+      `checkpoint` ships where it has one (a training run's is the prompt it trained with), else the
+      model family's card prompt (`tokenizer.default_system_prompt()`);
+    - `training` (the prompts of training data): the tokenizer's training prompt
+      (`tokenizer.training_system_prompt()`), which teaches the format the rewards grade.
+    `setting` names the option or field `choice` comes from, in the error for a missing file."""
+    if choice == "none":
+        return None
+    if choice == "default":
+        if purpose == "training":
+            return tokenizer.training_system_prompt()
+        shipped = os.path.join(checkpoint, "SYSTEM_PROMPT.txt") if checkpoint is not None else None
+        if shipped is None or not os.path.exists(shipped):
+            return tokenizer.default_system_prompt()
+        choice = shipped
+    elif not os.path.exists(choice):
+        raise ValueError(f"{setting}: {choice!r} is neither default, none nor an existing file")
+    with open(choice) as f:
+        return f.read()
+
+
 def write_standin_tekken(path: str | os.PathLike[str], vocab_size: int = 131072) -> str:
     """Writes a Tekken v13 tokenizer built from the vocabulary inside the mistral-common wheel, with
     Magistral's control tokens (`[THINK]` 34, `[/THINK]` 35) and image settings; returns its path.

@@ -10,6 +10,7 @@ from magistral_jax.tokenizer import (
     Reasoning,
     TokenizerError,
     load_tokenizer,
+    resolve_system_prompt,
     split_text,
     write_standin_tekken,
 )
@@ -51,6 +52,27 @@ def test_think_tags_style_with_a_sentencepiece_tokenizer(sentencepiece):
     text = sentencepiece.decode(ids, keep_special=True)
     assert text.startswith("<s>[SYSTEM_PROMPT]") and "<think>" in text and text.endswith("[/INST]")
     assert sentencepiece.default_system_prompt() == SYSTEM_PROMPTS["magistral-small-2506"]
+
+
+def test_the_default_system_prompt_depends_on_its_purpose(sentencepiece, tmp_path):
+    # A <think>-style tokenizer: chat defaults to the 2506 card's prompt, which forbids \boxed{}; training
+    # data to the paper's RL prompt, which the math reward needs. A checkpoint's own SYSTEM_PROMPT.txt
+    # is what it is chatted with, never what a training run puts in its data.
+    shipped = "Answer in one word.\n"
+    (tmp_path / "SYSTEM_PROMPT.txt").write_text(shipped)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    chat = resolve_system_prompt("default", sentencepiece, "chat", checkpoint=str(bare))
+    assert chat == SYSTEM_PROMPTS["magistral-small-2506"] and "NEVER use \\boxed{}" in chat
+    assert resolve_system_prompt("default", sentencepiece, "chat", checkpoint=str(tmp_path)) == shipped
+    for checkpoint in (None, str(tmp_path)):
+        training = resolve_system_prompt("default", sentencepiece, "training", checkpoint=checkpoint)
+        assert training == SYSTEM_PROMPTS["magistral-rl"] and "\\boxed" not in training
+    for purpose in ("chat", "training"):
+        assert resolve_system_prompt("none", sentencepiece, purpose, checkpoint=str(tmp_path)) is None
+        assert resolve_system_prompt(str(tmp_path / "SYSTEM_PROMPT.txt"), sentencepiece, purpose) == shipped
+    with pytest.raises(ValueError, match=r"data\.system_prompt: 'nosuch\.txt' is neither default, none nor"):
+        resolve_system_prompt("nosuch.txt", sentencepiece, "training", setting="data.system_prompt")
 
 
 def test_split_think_tokens(tekken):

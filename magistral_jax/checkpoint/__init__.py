@@ -1,4 +1,4 @@
-"""Checkpoints: the published safetensors layouts, Orbax, conversion and export."""
+"""Checkpoints: their config files, the published safetensors layouts, Orbax, conversion and export."""
 
 from magistral_jax.checkpoint.convert import FORMATS, convert, save_model
 from magistral_jax.checkpoint.layouts import LAYOUTS, CheckpointError, NonFiniteWarning, plan

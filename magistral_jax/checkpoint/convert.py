@@ -34,13 +34,13 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from magistral_jax.checkpoint.configs import MAGISTRAL_CONFIG, architecture_dict, to_hf_config, to_mistral_params
 from magistral_jax.checkpoint.layouts import (
     LAYOUTS,
     CheckpointError,
@@ -54,26 +54,20 @@ from magistral_jax.checkpoint.reader import (
     ORBAX_PARAMS,
     PIECE_BYTES,
     Key,
-    _set_at,
     assemble,
     entry_key,
     open_checkpoint,
     orbax_leaf_path,
     param_sharding,
     row_axis,
+    set_at,
 )
 from magistral_jax.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, split_files
-from magistral_jax.config import (
-    MAGISTRAL_CONFIG,
-    ModelConfig,
-    architecture_dict,
-    canonical_dtype,
-    open_regular_file,
-    to_hf_config,
-    to_mistral_params,
-)
+from magistral_jax.config import ModelConfig, canonical_dtype
 from magistral_jax.model import param_specs
 from magistral_jax.model import params as P
+from magistral_jax.overrides import open_regular_file
+from magistral_jax.sharding import to_host
 
 FORMATS = ("orbax", "hf", "mistral")
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -98,15 +92,6 @@ def output_layout(cfg: ModelConfig, to: str) -> Layout:
     if to == "mistral":
         return LAYOUTS["mistral"]
     return LAYOUTS["hf-legacy" if cfg.vision is not None else "hf-text"]
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A (possibly multi-host) array on the host of every process."""
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 class ModelSource:
@@ -260,7 +245,9 @@ def _copy_regular(src: str, dst: str) -> None:
         shutil.copyfileobj(fin, fout)
 
 
-def _row_pieces(entry: TensorEntry, itemsize: int) -> Iterator[tuple[int, int]]:
+def row_pieces(entry: TensorEntry, itemsize: int) -> Iterator[tuple[int, int]]:
+    """Ranges `[start, stop)` of `entry`'s published rows, whole row groups (`Transform.row_unit`)
+    of about `PIECE_BYTES` at `itemsize` bytes per value: the pieces a writer streams."""
     rows = entry.torch_shape[0]
     unit = entry.transform.row_unit(entry.shape)
     row_bytes = math.prod(entry.torch_shape[1:]) * itemsize
@@ -280,7 +267,7 @@ def _write_safetensors(source, cfg: ModelConfig, dst: str, to: str, max_shard_by
     else:
         writer = SafetensorsWriter(dst, split_files(infos, None, "consolidated"), None)
     for e in entries:
-        for start, stop in _row_pieces(e, max(dtype.itemsize, 4)):
+        for start, stop in row_pieces(e, max(dtype.itemsize, 4)):
             block = np.asarray(source.read(entry_key(e), e.transform.rows_index(e.shape, start, stop)), dtype)
             writer.write(e.name, e.transform.to_torch_rows(block))
             bar.update(block.nbytes)
@@ -331,7 +318,7 @@ def _write_orbax(source, cfg: ModelConfig, dst: str, mesh: Mesh | None, bar) -> 
         key = entry_key(e)
         value = assemble(e.shape, dtype, sharding, lambda index, key=key: source.read(key, index), (row_axis(e),))
         largest_shard = max(largest_shard, math.prod(sharding.shard_shape(e.shape)) * dtype.itemsize)
-        _set_at(group, orbax_leaf_path(key), value)
+        set_at(group, orbax_leaf_path(key), value)
         group_bytes += size
         bar.update(size)
         bar.tensor_done()

@@ -31,19 +31,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 from tqdm.auto import tqdm
 
-from magistral_jax.checkpoint.layouts import LAYOUTS, CheckpointError, Index, Layout, TensorEntry, detect_layout, plan
-from magistral_jax.checkpoint.safetensors_io import TensorFiles
-from magistral_jax.config import (
+from magistral_jax.checkpoint.configs import (
     MAGISTRAL_CONFIG,
-    ConfigError,
-    ModelConfig,
+    checkpoint_format,
     from_architecture_dict,
     from_hf_config,
     from_mistral_params,
-    load_json,
 )
+from magistral_jax.checkpoint.layouts import LAYOUTS, CheckpointError, Index, Layout, TensorEntry, detect_layout, plan
+from magistral_jax.checkpoint.safetensors_io import TensorFiles
+from magistral_jax.config import ModelConfig
 from magistral_jax.model import param_specs
 from magistral_jax.model import params as P
+from magistral_jax.overrides import ConfigError, load_json
 from magistral_jax.sharding import Rules, logical_sharding
 
 PIECE_BYTES = 64 * 2**20
@@ -95,14 +95,12 @@ def open_checkpoint(path: str | os.PathLike[str], layout: str | None = None) -> 
     if layout is not None and layout != "orbax" and layout not in LAYOUTS:
         raise CheckpointError(f"layout {layout!r}: expected orbax, {', '.join(LAYOUTS)}")
 
-    def has(name: str) -> bool:
-        return os.path.exists(os.path.join(path, name))
-
-    if layout == "orbax" or (layout is None and has(MAGISTRAL_CONFIG)):
+    fmt = checkpoint_format(path) if layout is None else layout if layout in ("orbax", "mistral") else "hf"
+    if fmt == "orbax":
         return _open_orbax(path)
-    if layout == "mistral" or (layout is None and not has("config.json") and has("params.json")):
+    if fmt == "mistral":
         return _open_mistral(path)
-    if has("config.json"):
+    if fmt == "hf" and os.path.exists(os.path.join(path, "config.json")):
         return _open_hf(path, layout)
     raise CheckpointError(
         f"{path}: not a checkpoint directory (expected config.json + safetensors, params.json + "
@@ -250,14 +248,14 @@ class OrbaxSource:
         self._cached: tuple[Key, np.ndarray] | None = None
         self._structure: dict = {}
         for key in self.entries:
-            _set_at(self._structure, orbax_leaf_path(key), None)
+            set_at(self._structure, orbax_leaf_path(key), None)
 
     def restore(self, targets: dict[Key, Any]) -> dict[Key, Any]:
         """Restores the given leaves, nothing else: a `jax.ShapeDtypeStruct` target (with a
         sharding) gives a device array, a numpy array target a host array."""
         tree: Any = jax.tree.map(lambda _: self._ocp.PLACEHOLDER, self._structure, is_leaf=lambda x: x is None)
         for key, target in targets.items():
-            _set_at(tree, orbax_leaf_path(key), target)
+            set_at(tree, orbax_leaf_path(key), target)
         try:
             restored = self._ocp.load(self.path, tree)
         except Exception as e:  # Orbax and TensorStore raise bare `Exception`s for damaged data
@@ -375,7 +373,8 @@ def _spec_at(specs: P.ParamTree, path: tuple[str, ...]) -> P.ParamSpec:
     return node
 
 
-def _set_at(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def set_at(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """Sets `tree[path[0]][path[1]]...` to `value`, creating the nested dicts on the way."""
     for part in path[:-1]:
         tree = tree.setdefault(part, {})
     tree[path[-1]] = value
@@ -437,7 +436,7 @@ def load_params(
                 value = leaves[entry_key(entries[0])]
             else:
                 value = _stack([leaves.pop(entry_key(e)) for e in entries], param_sharding(spec, mesh, cfg.rules))
-            _set_at(out, path, value)
+            set_at(out, path, value)
             bar.update(sum(math.prod(e.shape) for e in entries) * jnp.dtype(ckpt.cfg.param_dtype).itemsize)
     else:
         source = ckpt.source()
@@ -454,7 +453,7 @@ def load_params(
 
             axes = (0, axis + 1) if layered else (axis,)
             value = assemble(spec.shape, cfg.param_dtype, param_sharding(spec, mesh, cfg.rules), read, axes)
-            _set_at(out, path, value)
+            set_at(out, path, value)
             bar.update(sum(ckpt.files.nbytes(e.name) for e in entries))
     bar.close()
     if check_finite:

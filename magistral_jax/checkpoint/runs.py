@@ -17,14 +17,8 @@ from typing import Any
 
 import jax
 
-from magistral_jax.config import (
-    MAGISTRAL_CONFIG,
-    ConfigError,
-    ModelConfig,
-    flatten_model_fields,
-    get_preset,
-    read_config,
-)
+from magistral_jax.checkpoint.configs import MAGISTRAL_CONFIG, read_config
+from magistral_jax.config import ConfigError, ModelConfig, flatten_model_fields, get_preset
 
 RUN_CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from magistral_jax.checkpoint.layouts import CheckpointError
-from magistral_jax.config import ConfigError, load_json, open_regular_file
+from magistral_jax.overrides import ConfigError, load_json, open_regular_file
 
 DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16),

@@ -102,10 +102,10 @@ def _generate(cfg, directory: str) -> None:
     import ml_dtypes
     import numpy as np
 
-    from magistral_jax.checkpoint.convert import _row_pieces, output_layout
+    from magistral_jax.checkpoint.configs import to_hf_config
+    from magistral_jax.checkpoint.convert import output_layout, row_pieces
     from magistral_jax.checkpoint.layouts import plan
     from magistral_jax.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, split_files
-    from magistral_jax.config import to_hf_config
 
     os.makedirs(directory)
     rng = np.random.default_rng(0)
@@ -115,7 +115,7 @@ def _generate(cfg, directory: str) -> None:
     writer = SafetensorsWriter(directory, files, "model.safetensors.index.json")
     for e in entries:
         cols = math.prod(e.torch_shape[1:])
-        for start, stop in _row_pieces(e, 2):
+        for start, stop in row_pieces(e, 2):
             bits = rng.integers(0, 2**16, size=(stop - start) * cols, dtype=np.uint16) & 0xBFFF
             writer.write(e.name, bits.view(bf16).reshape((stop - start, *e.torch_shape[1:])))
     writer.close()
@@ -453,7 +453,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_rl(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup or args.warmup < 1:
         raise ValueError("bench rl: 1 <= --warmup < --steps expected")
-    from magistral_jax.cli.demo import simulate_devices
+    from magistral_jax.cli.devices import simulate_devices
 
     simulate_devices(8)
     import jax

@@ -26,6 +26,8 @@ import re
 import sys
 import time
 
+from magistral_jax.cli.devices import simulate_devices
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -69,13 +71,6 @@ def recipe(name: str) -> str:
         if os.path.isfile(path):
             return os.path.normpath(path)
     raise ConfigError(f"configs/{name}: not found beside the package nor under {sys.prefix}/share/magistral-jax")
-
-
-def simulate_devices(n: int) -> None:
-    """Asks XLA for `n` CPU devices; must happen before the first JAX computation."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 LEVELS = (1, 3)  # one-digit addition and multiplication
@@ -174,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     for p in sft_set + grpo_set + eval_set:
         corpus += base.encode_chat(p.problem) + base.encode_completion(p.trace)
     tokenizer = SubsetTokenizer(base, corpus)
-    from magistral_jax.config import read_config
+    from magistral_jax.checkpoint.configs import read_config
 
     cfg = read_config(recipe("demo-model.yaml")).replace(**{"text.vocab_size": tokenizer.vocab_size})
     n_dev = len(jax.devices())

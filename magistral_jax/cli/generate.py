@@ -52,21 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _system_prompt(choice: str, checkpoint: str, tokenizer) -> str | None:
-    if choice == "none":
-        return None
-    if choice == "default":
-        shipped = os.path.join(checkpoint, "SYSTEM_PROMPT.txt")
-        if os.path.exists(shipped):
-            with open(shipped) as f:
-                return f.read()
-        return tokenizer.default_system_prompt()
-    if not os.path.exists(choice):
-        raise ValueError(f"--system-prompt: {choice!r} is neither default, none nor an existing file")
-    with open(choice) as f:
-        return f.read()
-
-
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     """The options that pick a checkpoint, its tokenizer and system prompt, and how to hold it."""
     p.add_argument(
@@ -100,7 +85,7 @@ def open_for_sampling(args: argparse.Namespace):
     from magistral_jax import load_model
     from magistral_jax.checkpoint.runs import FILES, RUN_CONFIG, is_run_dir
     from magistral_jax.sharding import make_mesh, parse_mesh
-    from magistral_jax.tokenizer import TOKENIZER_FILES, load_tokenizer
+    from magistral_jax.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_system_prompt
 
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: not a directory")
@@ -122,7 +107,10 @@ def open_for_sampling(args: argparse.Namespace):
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.cfg.text.vocab_size}: "
             "they do not belong together"
         )
-    return model, tokenizer, _system_prompt(args.system_prompt, side_files, tokenizer)
+    system = resolve_system_prompt(
+        args.system_prompt, tokenizer, "chat", checkpoint=side_files, setting="--system-prompt"
+    )
+    return model, tokenizer, system
 
 
 def check_sampling_options(args: argparse.Namespace) -> None:

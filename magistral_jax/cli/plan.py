@@ -112,7 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_config(name: str):
-    from magistral_jax.config import get_preset, read_config
+    from magistral_jax.checkpoint.configs import read_config
+    from magistral_jax.config import get_preset
 
     if os.path.exists(name):
         return read_config(name)

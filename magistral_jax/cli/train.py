@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from magistral_jax.cli.demo import simulate_devices
+    from magistral_jax.cli.devices import simulate_devices
     from magistral_jax.train.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides, kind=args.kind)

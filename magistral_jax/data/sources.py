@@ -24,17 +24,14 @@ from typing import Any
 
 from magistral_jax.data.problems import DataError, Problem, ProblemSource, read_problems
 from magistral_jax.data.procedural import SOURCES, Example
+from magistral_jax.tokenizer import resolve_system_prompt
 
 
 def system_prompt(choice: str, tokenizer) -> str | None:
-    """The system prompt of training data: `none`, `default` (the tokenizer's training prompt: the
-    model card's for the `[THINK]` style, the paper's RL prompt for the `<think>` style), or a file."""
-    if choice == "none":
-        return None
-    if choice == "default":
-        return tokenizer.training_system_prompt()
-    with open(choice) as f:
-        return f.read()
+    """The system prompt of training data (a data section's `system_prompt`): `none`, `default`
+    (the tokenizer's training prompt: the model card's for the `[THINK]` style, the paper's RL
+    prompt for the `<think>` style), or a file; see `tokenizer.resolve_system_prompt`."""
+    return resolve_system_prompt(choice, tokenizer, "training", setting="data.system_prompt")
 
 
 def problem_fields(p: Problem) -> dict[str, Any]:

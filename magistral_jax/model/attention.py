@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from magistral_jax.model.layers import round_up
 from magistral_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
 
 CHUNKED_THRESHOLD = 4096 * 4096
@@ -360,10 +361,6 @@ def cached_attention(
 # ------------------------------------------------------------------------------------------------
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
 def _splash_attention(q, k, v, segments, causal, scale, block, rules):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -372,8 +369,8 @@ def _splash_attention(q, k, v, segments, causal, scale, block, rules):
     g = k.shape[2]
     r = n // g
     # Splash works on whole 128-slot blocks: pad with segment 0 (seen by nobody real).
-    blk = min(_round_up(block, 128), _round_up(t, 128))
-    padded = _round_up(t, blk)
+    blk = min(round_up(block, 128), round_up(t, 128))
+    padded = round_up(t, blk)
     shape = (padded, padded)
     mask = sm.MultiHeadMask([sm.CausalMask(shape) if causal else sm.FullMask(shape)] * r)
     sizes = sk.BlockSizes(

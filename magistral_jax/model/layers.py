@@ -1,4 +1,5 @@
-"""Small building blocks shared by the decoder and the vision encoder.
+"""Small building blocks shared by the decoder and the vision encoder, and the padded sizes
+(`round_up`) that attention blocks, vision inputs and the sampler's buckets share.
 
 Dimension letters: B batch, T sequence, N heads, K head dim, D model dim.
 """
@@ -70,3 +71,9 @@ def segment_positions(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
     )
     start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     return jnp.where(segment_ids != 0, idx - start_idx, 0)
+
+
+def round_up(x: int, multiple: int) -> int:
+    """The smallest positive multiple of `multiple` that is at least `x` (`multiple` for x <= 0):
+    padded sizes, so that nearby sizes share one compiled program."""
+    return max(multiple, -(-x // multiple) * multiple)

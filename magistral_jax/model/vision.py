@@ -24,7 +24,7 @@ from magistral_jax.model import decoder
 from magistral_jax.model import params as P
 from magistral_jax.model.attention import attention
 from magistral_jax.model.blocks import attention_block, remat, swiglu_block
-from magistral_jax.model.layers import rms_norm, vision_rope_angles
+from magistral_jax.model.layers import rms_norm, round_up, vision_rope_angles
 from magistral_jax.sharding import constrain
 
 
@@ -92,10 +92,6 @@ class VisionInputs:
     target_pos: jax.Array
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return max(multiple, -(-x // multiple) * multiple)
-
-
 def prepare(tokens: np.ndarray, pixels: Sequence[Sequence[np.ndarray]], cfg: VisionConfig) -> VisionInputs | None:
     """Lays out the preprocessed images (`pixels[b]`: float32 `[3, H, W]` arrays of sequence b, in
     order) for `embed_with_images`, after checking that the tokens hold exactly their image tokens.
@@ -153,7 +149,7 @@ def prepare(tokens: np.ndarray, pixels: Sequence[Sequence[np.ndarray]], cfg: Vis
     if not patches:
         return None
     n_merged = sum(len(t) for t in tp)
-    np_pad, nm_pad = _round_up(n_patches, PATCH_BUCKET), _round_up(n_merged, MERGED_BUCKET)
+    np_pad, nm_pad = round_up(n_patches, PATCH_BUCKET), round_up(n_merged, MERGED_BUCKET)
 
     def pad(parts, size, fill=0):
         x = np.concatenate(parts)

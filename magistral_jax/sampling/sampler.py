@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ import numpy as np
 from magistral_jax.api import image_inputs
 from magistral_jax.config import ModelConfig
 from magistral_jax.model import decoder, vision
+from magistral_jax.model.layers import round_up
 from magistral_jax.sampling.strategies import MAGISTRAL, SamplingParams, choose
 from magistral_jax.sharding import to_host
 
@@ -96,8 +96,7 @@ class SampleOutput:
         return self.tokens[row, : self.lengths[row]].tolist()
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return max(multiple, math.ceil(x / multiple) * multiple)
+_round_up = round_up  # call sites keep this name while issue 17 makes the sampler's programs public
 
 
 def empty_outputs(rows: int, max_new: int) -> dict[str, jax.Array]:

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from magistral_jax.config import ConfigError, ModelConfig, nest_overrides, read_yaml_file, typed_fields
+from magistral_jax.config import ConfigError, ModelConfig
+from magistral_jax.overrides import nest_overrides, read_yaml_file, typed_fields
 from magistral_jax.train.step import OptimizerConfig
 
 
@@ -249,7 +250,7 @@ def load_run_config(path: str | None, overrides: Sequence[str] = (), kind: str |
     """A run config from a YAML file (or none) with `a.b=value` overrides; `kind` must agree.
 
     YAML values and overrides are converted to the types of the fields they set (see
-    `config.typed_value`): `optimizer.lr=1e-3` is a float, `grpo.group_size=abc` an error naming
+    `overrides.typed_value`): `optimizer.lr=1e-3` is a float, `grpo.group_size=abc` an error naming
     the key and the type, before anything is built."""
     d: dict[str, Any] = {}
     if path is not None:

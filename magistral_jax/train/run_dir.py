@@ -25,8 +25,9 @@ from typing import Any
 
 import jax
 
+from magistral_jax.checkpoint.configs import MAGISTRAL_CONFIG, architecture_dict, read_config
 from magistral_jax.checkpoint.runs import EVAL_METRIC, FILES, RUN_CONFIG, checkpoint_manager, select_step
-from magistral_jax.config import MAGISTRAL_CONFIG, ConfigError, ModelConfig, architecture_dict, read_config
+from magistral_jax.config import ConfigError, ModelConfig
 
 METRICS = "metrics.jsonl"
 OPERATIONAL = frozenset(

@@ -69,7 +69,7 @@ def test_a_corrupt_metrics_line_inside_the_file_is_named(tmp_path):
 
 
 def test_another_architecture_is_named_field_by_field(tmp_path):
-    from magistral_jax.config import MAGISTRAL_CONFIG, architecture_dict
+    from magistral_jax.checkpoint.configs import MAGISTRAL_CONFIG, architecture_dict
 
     tiny = get_preset("tiny")
     (tmp_path / MAGISTRAL_CONFIG).write_text(json.dumps(architecture_dict(tiny)))
