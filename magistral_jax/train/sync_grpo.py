@@ -2,9 +2,10 @@
 
 A step draws `prompts_per_step` prompts (each process its share), samples `group_size` completions
 each from the policy (`train.policy.Policy`: the trainer's newest weights, colocated, no copy), scores
-them in the reward pool, and draws again while the variant still needs groups with signal (at most
-`max_draws` draws); then it trains on the first `prompts_per_step` of those, in draw order
-(`train.grpo.GRPOLearner`), and pushes the new weights to the policy. Everything drawn is a
+them in the reward pool, and draws again while the variant still needs groups with signal: as many
+prompts as the share of groups with signal so far says it needs (`next_draw`), at most
+`max_draws x prompts_per_step` groups in all. Then it trains on the first `prompts_per_step` groups
+with signal, in draw order (`train.grpo.GRPOLearner`), and pushes the new weights to the policy. Everything drawn is a
 function of `(seed, step, draw)` and the data state, so a resumed run repeats an uninterrupted one.
 
 Several processes: every process samples the whole draw's prompts and scores its own rows; the
@@ -13,6 +14,7 @@ statistics are gathered (`train.rollouts.gather`).
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -25,6 +27,16 @@ from magistral_jax.train.grpo import GRPOLearner, budget, step_seed
 from magistral_jax.train.policy import Policy
 from magistral_jax.train.rollouts import Rollouts, gather
 from magistral_jax.train.step import Trainer
+
+
+def next_draw(batch: int, needed: int, rate: float, unit: int) -> int:
+    """How many prompts to draw for `needed` more groups with signal when a share `rate` of the
+    groups drawn so far had some: `needed / rate` (a whole batch when none had), rounded up to a
+    power of two (the sampler compiles for a few batch sizes only) and to a multiple of `unit` (the
+    processes), at most a whole `batch`."""
+    want = batch if rate == 0 else math.ceil(needed / rate)
+    size = 1 << max(want - 1, 0).bit_length()
+    return min(batch, math.ceil(size / unit) * unit)
 
 
 class GRPOStep(GRPOLearner):
@@ -78,20 +90,22 @@ class GRPOStep(GRPOLearner):
         return gather(local), t1 - t0, time.perf_counter() - t1
 
     def __call__(self, source, step: int) -> dict[str, float]:
-        """Draws from `source` (this process's share, `prompts_per_step / process_count` prompts a
-        draw) and trains; returns the step's metrics."""
+        """Draws from `source` (this process's share of each draw) and trains; returns the step's
+        metrics."""
         g = self.cfg.grpo
         t0 = time.perf_counter()
-        per_process = g.prompts_per_step // jax.process_count()
+        count = jax.process_count()
         parts: list[Rollouts] = []
-        found, sample_s, score_s = 0, 0.0, 0.0
-        for draw in range(g.max_draws):
-            part, sampling, scoring = self.draw(source.next(per_process), step, draw)
+        size, drawn, found, sample_s, score_s = g.prompts_per_step, 0, 0, 0.0, 0.0
+        while True:
+            part, sampling, scoring = self.draw(source.next(size // count), step, len(parts))
             parts.append(part)
-            sample_s, score_s = sample_s + sampling, score_s + scoring
-            found += int(self.signal(parts[-1].rewards, parts[-1].components).sum())
-            if found >= g.prompts_per_step:
+            drawn, sample_s, score_s = drawn + size, sample_s + sampling, score_s + scoring
+            found += int(self.signal(part.rewards, part.components).sum())
+            if found >= g.prompts_per_step or drawn >= g.max_draws * g.prompts_per_step:
                 break
+            size = next_draw(g.prompts_per_step, g.prompts_per_step - found, found / drawn, count)
+            size = min(size, g.max_draws * g.prompts_per_step - drawn)
         drawn = Rollouts.concat(parts)
         signal = self.signal(drawn.rewards, drawn.components)
         chosen = np.flatnonzero(signal)[: g.prompts_per_step]

@@ -11,7 +11,7 @@ from magistral_jax.train.build import build_trainer
 from magistral_jax.train.config import load_run_config
 from magistral_jax.train.grpo import GRPOLearner
 from magistral_jax.train.rollouts import Rollouts
-from magistral_jax.train.sync_grpo import GRPOStep
+from magistral_jax.train.sync_grpo import GRPOStep, next_draw
 
 G = 3  # completions per prompt
 
@@ -97,6 +97,22 @@ def test_a_batch_is_formed_from_groups_with_signal_drawing_more_as_needed():
     assert metrics["groups_drawn"] == 8 and metrics["groups_trained"] == 4
     assert metrics["filtered_groups_frac"] == pytest.approx(3 / 8)
     assert metrics["reward_mean"] == pytest.approx(np.mean(np.concatenate([s[0] for s in script])))
+
+
+def test_a_later_draw_is_as_large_as_the_share_of_groups_with_signal_says():
+    # Draw 1 (prompts 0-3): three groups with signal, one short. Three in four had signal, so one more
+    # needs ceil(1 / 0.75) = 2 prompts (a power of two): draw 2 is prompts 4-5, not a whole batch.
+    script = [MIXED, SAME_RIGHT, MIXED, LONGER, SAME_WRONG, MIXED]
+    trained = []
+    step = _scripted_step(_cfg("grpo.max_draws=3"), script, trained)
+    source = _Source()
+    metrics = step(source, 0)
+    assert trained == [[0, 2, 3, 5]] and source.index == 6
+    assert metrics["groups_drawn"] == 6 and metrics["filtered_groups_frac"] == pytest.approx(2 / 6)
+    # The rule by hand: none with signal yet -> a whole batch; a tenth -> 100 prompts, capped at the
+    # batch of 16; two processes draw an even number (3 needed at 0.9: 4 prompts).
+    assert next_draw(16, 16, 0.0, 1) == 16 and next_draw(16, 10, 0.1, 1) == 16
+    assert next_draw(128, 3, 0.9, 2) == 4 and next_draw(16, 5, 0.5, 1) == 16 and next_draw(16, 1, 0.92, 1) == 2
 
 
 def test_a_batch_filtered_on_correctness_and_capped_draws():
