@@ -142,10 +142,11 @@ def step_and_sample() -> dict[str, np.ndarray]:
 
 
 def grpo_run(run_dir) -> dict[str, np.ndarray]:
-    """Two GRPO steps (checkpoints after each), then `run` again: it restores the last checkpoint
-    and has nothing left to do. Returns the restored parameters."""
+    """Two GRPO steps (checkpoints after each), then `run` again: it restores the last checkpoint,
+    has nothing left to do and returns the last step's metrics as written (the primary process's
+    timings). Returns the restored parameters."""
     from magistral_jax.train.config import load_run_config
-    from magistral_jax.train.loop import run
+    from magistral_jax.train.loop import TIMING_METRICS, run
 
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
     cfg = load_run_config(
@@ -164,9 +165,13 @@ def grpo_run(run_dir) -> dict[str, np.ndarray]:
         ],
     )
     assert cfg.optimizer == OPTIMIZER and cfg.steps * cfg.grpo.minibatches == 4
-    run(cfg, progress=False, model=_model())
+    last = run(cfg, progress=False, model=_model())
     model = _model()
-    assert run(cfg, progress=False, model=model) == {}
+    again = run(cfg, progress=False, model=model)
+    assert {k: v for k, v in again.items() if k not in TIMING_METRICS} == pytest.approx(
+        {k: v for k, v in last.items() if k not in TIMING_METRICS}
+    )
+    assert "loss" in again
     return _host_params(model)
 
 
