@@ -26,7 +26,7 @@ import numpy as np
 
 from magistral_jax.config import ModelConfig
 from magistral_jax.model import decoder
-from magistral_jax.sampling.sampler import BUCKET, DecodeState, _decode, _round_up, empty_outputs, prefill_rows
+from magistral_jax.sampling.sampler import DecodeState, cache_shape, decode, empty_outputs, prefill_rows
 from magistral_jax.sampling.strategies import SamplingParams
 from magistral_jax.sharding import to_host
 
@@ -55,7 +55,8 @@ class Finished:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "cache_len", "max_new"))
-def _empty(*, cfg: ModelConfig, slots: int, cache_len: int, max_new: int) -> DecodeState:
+def empty_state(*, cfg: ModelConfig, slots: int, cache_len: int, max_new: int) -> DecodeState:
+    """A `DecodeState` of `slots` idle rows (done, no budget) over an empty cache."""
     return DecodeState(
         cache=decoder.KVCache.init(cfg, slots, cache_len),
         logits=jnp.zeros((slots, cfg.text.vocab_size), jnp.float32),
@@ -70,8 +71,9 @@ def _empty(*, cfg: ModelConfig, slots: int, cache_len: int, max_new: int) -> Dec
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"), donate_argnums=1)
-def _insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, version, *, cfg, cache_len):
-    """Prefills `prompts` into rows `slots` of `state` (an out-of-range slot drops its row)."""
+def insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, version, *, cfg, cache_len):
+    """The insert program: prefills `prompts` [R, P] into rows `slots` [R] of `state` (donated; an
+    out-of-range slot drops its row), with their budgets, seeds and the policy `version`."""
     cache, last = prefill_rows(params, prompts, lengths, cfg, cache_len)
     put = lambda buf, x: buf.at[slots].set(x, mode="drop")  # noqa: E731
     zeros = {name: put(getattr(state, name), 0) for name in ("tokens", "logprobs", "raw_logprobs", "versions")}
@@ -86,6 +88,12 @@ def _insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, 
         limits=put(state.limits, limits),
         keys=put(state.keys, jax.vmap(jax.random.key)(seeds)),
     )
+
+
+def insert_rows(requests: int, slots: int) -> int:
+    """Rows of the insert program for `requests` new requests into a batcher of `slots` slots:
+    rounded up to a power of two, at least 8 (or the slots), so that few programs are compiled."""
+    return max(1 << (requests - 1).bit_length(), min(8, 1 << (slots - 1).bit_length()))
 
 
 class ContinuousBatcher:
@@ -118,8 +126,7 @@ class ContinuousBatcher:
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.version = version
         self.max_new_tokens = max_new_tokens
-        self.width = _round_up(max_prompt_len, BUCKET)
-        self.cache_len = _round_up(self.width + max_new_tokens, BUCKET)
+        self.width, self.cache_len = cache_shape(max_prompt_len, max_new_tokens)
         if self.width + max_new_tokens > model.cfg.text.max_position_embeddings:
             raise ValueError(
                 f"prompts of {max_prompt_len} tokens plus {max_new_tokens} new tokens exceed the model's context "
@@ -129,7 +136,7 @@ class ContinuousBatcher:
         self.generated = 0  # tokens decoded so far
         self._lengths = np.zeros(slots, np.int64)
         with model.mesh_context():
-            self.state = _empty(cfg=model.cfg, slots=slots, cache_len=self.cache_len, max_new=max_new_tokens)
+            self.state = empty_state(cfg=model.cfg, slots=slots, cache_len=self.cache_len, max_new=max_new_tokens)
 
     @property
     def free_slots(self) -> list[int]:
@@ -151,9 +158,7 @@ class ContinuousBatcher:
         if len(requests) > len(free):
             raise ValueError(f"insert: {len(requests)} requests for {len(free)} free slots")
         cfg = self.model.cfg
-        # Row counts are rounded up to a power of two, at least 8 (or the slots), so that few
-        # programs are compiled.
-        rows = max(1 << (len(requests) - 1).bit_length(), min(8, 1 << (len(self.occupant) - 1).bit_length()))
+        rows = insert_rows(len(requests), len(self.occupant))
         prompts = np.zeros((rows, self.width), np.int32)
         lengths = np.ones(rows, np.int32)
         limits = np.zeros(rows, np.int32)
@@ -173,7 +178,7 @@ class ContinuousBatcher:
             self.occupant[slot] = req
             self._lengths[slot] = 0
         with self.model.mesh_context():
-            self.state = _insert(
+            self.state = insert(
                 self.model.params,
                 self.state,
                 jnp.asarray(slots),
@@ -191,7 +196,7 @@ class ContinuousBatcher:
         if not self.busy:
             return []
         with self.model.mesh_context():
-            self.state = _decode(
+            self.state = decode(
                 self.model.params,
                 self.state,
                 self.state.step + self.chunk,

@@ -1,4 +1,7 @@
-"""The train step: chunked log-probabilities, exact microbatch accumulation, sharding, SFT, guards."""
+"""The train step: chunked log-probabilities, exact microbatch accumulation, sharding, SFT, guards,
+programs compiled once."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +153,22 @@ def test_schedule_warmup_and_cosine():
     np.testing.assert_allclose(float(schedule(14)), 0.1, rtol=1e-6)
     with pytest.raises(ValueError, match=r"optimizer\.schedule"):
         OptimizerConfig(schedule="linear")
+
+
+def test_the_second_step_compiles_nothing(caplog):
+    # init_model leaves its parameters uncommitted; a step's outputs are committed. A trainer
+    # that did not commit its state at init compiled all its programs again at the second step.
+    model = mj.init_model(_cfg(), 7)
+    assert not jax.tree.leaves(model.params)[0].committed
+    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(), total_steps=5, chunk=8)
+    microbatches = pack(_grpo_items(seed=7, groups=4), row_len=20, rows=2).microbatches
+    assert len(microbatches) > 1  # gradients, accumulation and the update all run
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        first = trainer.train_step(microbatches)
+        compiled_first = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+        caplog.clear()
+        second = trainer.train_step(microbatches)
+        compiled_second = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert any("microbatch_gradients" in m for m in compiled_first)
+    assert compiled_second == []
+    assert first["time_compile"] > 0 and second["time_compile"] == 0.0
