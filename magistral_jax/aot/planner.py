@@ -278,14 +278,19 @@ def _phase(name: str, results: list[ProgramResult], tokens: int, model_flops: fl
 def _compile_all(
     programs: list[Program], topo: Topology, dump_hlo: str | None
 ) -> tuple[list[ProgramResult], list[str]]:
+    """Compiles the programs in order; one that takes the outputs of a program that did not fit
+    is skipped (and said so)."""
     results, outputs, notes = [], {}, []
     for program in programs:
+        try:
+            program.inputs(outputs)
+        except KeyError as e:
+            notes.append(f"{program.name}: not compiled: it takes the outputs of {e.args[0]}, which does not fit")
+            continue
         result, out = compile_program(program, outputs, topo, dump_hlo)
         results.append(result)
-        if out is None:
-            notes.append(f"{program.name} does not fit: the programs that take its outputs were not compiled")
-            break
-        outputs[program.name] = out
+        if out is not None:
+            outputs[program.name] = out
     for r in results:
         if r.note:
             notes.append(r.note)
@@ -309,7 +314,7 @@ def _result(
     prompt_len: int | None,
     remat: str,
     results: list[ProgramResult],
-    expected: int,
+    planned: list[str],
     train: tuple[int, float] | None,
     sample: tuple[int, float] | None,
     overlapped: bool,
@@ -319,11 +324,13 @@ def _result(
     from magistral_jax.aot.programs import param_counts
 
     total_params, matmul_params = param_counts(cfg)
-    fits = len(results) == expected and all(r.fits for r in results)
+    fits = len(results) == len(planned) and all(r.fits for r in results)
     phases = []
     for name, figures in (("sample", sample), ("train", train)):
         mine = [r for r in results if r.phase == name]
-        if figures is not None and mine:
+        # A phase is estimated when every one of its programs compiled and fits.
+        whole = len(mine) == sum(1 for p in planned if p == name) and all(r.fits for r in mine)
+        if figures is not None and mine and whole:
             phases.append(_phase(name, mine, figures[0], figures[1], topo.chip.peak_flops))
     times = [p.time_s for p in phases]
     step_s = (max(times) if overlapped else sum(times)) if fits and times else 0.0
@@ -355,7 +362,7 @@ def _result(
         peak_flops=topo.chip.peak_flops,
         hbm_bandwidth=topo.chip.hbm_bandwidth,
         programs=results,
-        phases=phases if fits else [],
+        phases=phases,
         fits=fits,
         peak_bytes=max((r.step_peak_bytes or r.required_bytes or 0) for r in results),
         tokens=tokens,
@@ -472,7 +479,7 @@ def plan(
             None,
             cfg.remat,
             results,
-            len(programs),
+            [p.phase for p in programs],
             (tokens, 6.0 * matmul_params * tokens),
             None,
             False,
@@ -497,7 +504,7 @@ def plan(
         prompt,
         NO_REMAT,
         results,
-        len(programs),
+        [p.phase for p in programs],
         None,
         (processed, 2.0 * matmul_params * processed),
         False,
@@ -538,7 +545,7 @@ def plan_run(
         prompt_len or (run.async_rl.max_prompt_len if run.kind == "grpo" else None),
         step.cfg.remat,
         results,
-        len(step.programs),
+        [p.phase for p in step.programs],
         (trained, 6.0 * matmul_params * trained),
         sample,
         step.overlapped,

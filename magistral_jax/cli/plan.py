@@ -309,19 +309,19 @@ def format_plan(r) -> str:
             for kind, c in sorted(p.collectives.items())
         )
         lines.append(f"  collectives in the HLO: {coll or 'none'}")
+    for ph in r.phases:
+        model = "6" if ph.name == "train" else "2"
+        ratio = ph.flops * ph.chips / ph.model_flops if ph.model_flops else 0.0
+        what = "trained" if ph.name == "train" else "processed (prompts and generated)"
+        lines.append(
+            f"{ph.name}: {_si(ph.flops, 'FLOP')} per chip x {ph.chips} chips = {ratio:.2f} x {model}·N·tokens "
+            f"({ph.tokens:,} {what} tokens, N = {_count(r.matmul_params)}); roofline: compute "
+            f"{_seconds(ph.compute_s)}, HBM {_seconds(ph.memory_s)} -> {_seconds(ph.time_s)} "
+            f"({ph.bound}-bound), {ph.tokens_per_s:,.0f} tokens/s, MFU {100 * ph.mfu:.1f}%"
+        )
     if not r.fits:
         lines.append(f"result: does not fit in {_gib(r.hbm_capacity_bytes)} GiB per chip on {r.topology}")
     else:
-        for ph in r.phases:
-            model = "6" if ph.name == "train" else "2"
-            ratio = ph.flops * ph.chips / ph.model_flops if ph.model_flops else 0.0
-            what = "trained" if ph.name == "train" else "processed (prompts and generated)"
-            lines.append(
-                f"{ph.name}: {_si(ph.flops, 'FLOP')} per chip x {ph.chips} chips = {ratio:.2f} x {model}·N·tokens "
-                f"({ph.tokens:,} {what} tokens, N = {_count(r.matmul_params)}); roofline: compute "
-                f"{_seconds(ph.compute_s)}, HBM {_seconds(ph.memory_s)} -> {_seconds(ph.time_s)} "
-                f"({ph.bound}-bound), {ph.tokens_per_s:,.0f} tokens/s, MFU {100 * ph.mfu:.1f}%"
-            )
         if len(r.phases) > 1:
             lines.append(
                 f"step (roofline estimate; communication and overheads not modelled): {_seconds(r.step_s)}, "
