@@ -86,11 +86,11 @@ class Instr:
     root: bool
 
 
-def _closing(text: str, start: int) -> int:
-    """Index of the bracket closing the one at `start` (any of (), {}, []), brackets inside
-    double-quoted strings ignored."""
-    depth = 0
-    quoted = False
+def _scan(text: str, start: int = 0, depth: int = 0, quoted: bool = False, stop: bool = False):
+    """Walks `text` from `start`, counting brackets (any of (), {}, []) from `depth`, those inside
+    double-quoted strings (backslash escapes included) ignored. With `stop`, returns at the
+    bracket that brings the depth back to 0; else at the end. Returns (index of that bracket or
+    -1, depth, whether the walk ends inside a string)."""
     i = start
     while i < len(text):
         c = text[i]
@@ -105,10 +105,18 @@ def _closing(text: str, start: int) -> int:
             depth += 1
         elif c in ")}]":
             depth -= 1
-            if depth == 0:
-                return i
+            if stop and depth == 0:
+                return i, depth, quoted
         i += 1
-    raise ValueError("HLO text: unbalanced brackets")
+    return -1, depth, quoted
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the bracket closing the one at `start`."""
+    end, _, _ = _scan(text, start, stop=True)
+    if end < 0:
+        raise ValueError("HLO text: unbalanced brackets")
+    return end
 
 
 def _statements(text: str) -> Iterator[str]:
@@ -122,21 +130,7 @@ def _statements(text: str) -> Iterator[str]:
             yield line  # a computation's header or closing brace, module-level text
             continue
         pending.append(line)
-        i = 0
-        while i < len(line):
-            c = line[i]
-            if quoted:
-                if c == "\\":
-                    i += 1
-                elif c == '"':
-                    quoted = False
-            elif c == '"':
-                quoted = True
-            elif c in "({[":
-                depth += 1
-            elif c in ")}]":
-                depth -= 1
-            i += 1
+        _, depth, quoted = _scan(line, 0, depth, quoted)
         if depth <= 0 and not quoted:
             yield "\n".join(pending)
             pending, depth = [], 0

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from magistral_jax.aot.hlo_costs import hlo_costs
+from magistral_jax.aot.hlo_costs import HloCosts, hlo_costs
 from magistral_jax.aot.topologies import Topology, topology, topology_devices
 
 if TYPE_CHECKING:
@@ -47,11 +47,12 @@ LOGPROB_CHUNK = 512  # the 24B recipes' head chunk (`logprob_chunk`)
 NO_REMAT = "-"  # sampling: no backward pass, nothing to rematerialise
 
 
-@dataclass
-class ProgramResult:
-    """One compiled program. Memory in bytes per chip; `flops` and `hbm_bytes` per execution per
-    chip (see `aot.hlo_costs.HloCosts`); `executions` per step; `resident_bytes`: what the step
-    keeps alive beside the program's own buffers, added to XLA's peak in `step_peak_bytes`."""
+@dataclass(kw_only=True)
+class ProgramResult(HloCosts):
+    """One compiled program: its costs per execution per chip (`HloCosts`: FLOPs, HBM traffic,
+    collectives, loops, kernels), memory in bytes per chip, `executions` per step, and
+    `resident_bytes`: what the step keeps alive beside the program's own buffers, added to XLA's
+    peak in `step_peak_bytes`."""
 
     name: str
     phase: str
@@ -67,16 +68,8 @@ class ProgramResult:
     peak_bytes: int = 0
     resident_bytes: int = 0
     step_peak_bytes: int = 0
-    flops: float = 0.0
-    hbm_bytes: float = 0.0
     xla_flops: float = 0.0
     xla_bytes_accessed: float = 0.0
-    collectives: dict[str, dict[str, float]] = field(default_factory=dict)
-    loops: int = 0
-    unknown_trip_loops: int = 0
-    custom_calls: int = 0
-    uncounted_kernels: int = 0
-    dense_kernel_masks: int = 0
     executions: float = 1.0
     compute_s: float = 0.0  # per execution
     memory_s: float = 0.0
@@ -204,10 +197,17 @@ def compile_program(
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
             raise
-        first = message.strip().splitlines()[0]
-        seconds = time.perf_counter() - start
-        result = ProgramResult(program.name, program.phase, chips, seconds, False, first, _required_bytes(message))
-        result.executions, result.note = program.executions, program.note
+        result = ProgramResult(
+            name=program.name,
+            phase=program.phase,
+            chips=chips,
+            compile_s=time.perf_counter() - start,
+            fits=False,
+            error=message.strip().splitlines()[0],
+            required_bytes=_required_bytes(message),
+            executions=program.executions,
+            note=program.note,
+        )
         return result, None
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
@@ -222,10 +222,11 @@ def compile_program(
     resident = per_chip_bytes(program.resident({**outputs, program.name: out}))
     peak = int(mem.peak_memory_in_bytes)
     result = ProgramResult(
-        program.name,
-        program.phase,
-        chips,
-        seconds,
+        **dataclasses.asdict(costs),
+        name=program.name,
+        phase=program.phase,
+        chips=chips,
+        compile_s=seconds,
         fits=peak + resident <= topo.chip.hbm_bytes,
         argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes),
@@ -234,16 +235,8 @@ def compile_program(
         peak_bytes=peak,
         resident_bytes=resident,
         step_peak_bytes=peak + resident,
-        flops=costs.flops,
-        hbm_bytes=costs.hbm_bytes,
         xla_flops=float(xla.get("flops", 0.0)),
         xla_bytes_accessed=float(xla.get("bytes accessed", 0.0)),
-        collectives=costs.collectives,
-        loops=costs.loops,
-        unknown_trip_loops=costs.unknown_trip_loops,
-        custom_calls=costs.custom_calls,
-        uncounted_kernels=costs.uncounted_kernels,
-        dense_kernel_masks=costs.dense_kernel_masks,
         executions=program.executions,
         compute_s=costs.flops / topo.chip.peak_flops,
         memory_s=costs.hbm_bytes / topo.chip.hbm_bandwidth,
@@ -459,6 +452,8 @@ def plan(
     changes["param_dtype"] = param_dtype or ("float32" if task == "grpo" else "bfloat16")
     cfg = cfg.replace(**changes)
     _, matmul_params = A.param_counts(cfg)
+    train = sample = None
+    notes = []
     if task == "grpo":
         if seq_len > cfg.text.max_position_embeddings:
             raise ValueError(f"seq_len {seq_len} exceeds the model's context of {cfg.text.max_position_embeddings}")
@@ -466,33 +461,18 @@ def plan(
         programs, _, _ = A.train_programs(
             cfg, jmesh, objective_of(run), run.optimizer, run.steps, chunk, A.TrainShape(batch, seq_len)
         )
-        results, notes = _compile_all(programs, topo, dump_hlo)
-        tokens = batch * seq_len
-        return _result(
-            cfg,
-            task,
-            "flags",
-            topo,
-            sizes,
-            batch,
-            seq_len,
-            None,
-            cfg.remat,
-            results,
-            [p.phase for p in programs],
-            (tokens, 6.0 * matmul_params * tokens),
-            None,
-            False,
-            ["objective and optimizer: a default GRPO run config's", *notes],
+        train = (batch * seq_len, 6.0 * matmul_params * batch * seq_len)
+        prompt = None
+        notes.append("objective and optimizer: a default GRPO run config's")
+    else:
+        prompt = prompt_len if prompt_len is not None else min(DEFAULT_PROMPT_LEN, seq_len // 2)
+        if not 1 <= prompt < seq_len:
+            raise ValueError(f"prompt_len: {prompt} must lie in [1, {seq_len}) (the cache holds prompt and completion)")
+        programs = A.sampler_programs(
+            cfg, jmesh, A.abstract_params(cfg, jmesh), batch, prompt, seq_len - prompt, 1, MAGISTRAL, (2,)
         )
-    prompt = prompt_len if prompt_len is not None else min(DEFAULT_PROMPT_LEN, seq_len // 2)
-    if not 1 <= prompt < seq_len:
-        raise ValueError(f"prompt_len: {prompt} must lie in [1, {seq_len}) (the cache holds prompt and completion)")
-    programs = A.sampler_programs(
-        cfg, jmesh, A.abstract_params(cfg, jmesh), batch, prompt, seq_len - prompt, 1, MAGISTRAL, (2,)
-    )
-    results, notes = _compile_all(programs, topo, dump_hlo)
-    processed = batch * seq_len
+        sample = (batch * seq_len, 2.0 * matmul_params * batch * seq_len)
+    results, compile_notes = _compile_all(programs, topo, dump_hlo)
     return _result(
         cfg,
         task,
@@ -502,13 +482,13 @@ def plan(
         batch,
         seq_len,
         prompt,
-        NO_REMAT,
+        cfg.remat if task == "grpo" else NO_REMAT,
         results,
         [p.phase for p in programs],
-        None,
-        (processed, 2.0 * matmul_params * processed),
+        train,
+        sample,
         False,
-        notes,
+        notes + compile_notes,
     )
 
 

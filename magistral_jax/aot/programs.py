@@ -127,9 +127,9 @@ def compile_program(program: Program, outputs: dict[str, Abstract]) -> tuple[Any
 
 
 def optimizer_state(tx: optax.GradientTransformation, params: Abstract, mesh: Mesh) -> Abstract:
-    """The optimizer state `Trainer` creates (`jax.jit(tx.init)` over the parameters), abstract,
-    in the shardings that program gives it."""
-    init = jax.jit(tx.init)
+    """The optimizer state `Trainer` creates (`train.step.optimizer_init_program`), abstract, in
+    the shardings that program gives it."""
+    init = train_step.optimizer_init_program(tx, params)
     with jax.set_mesh(mesh):
         return outputs_of(init.lower(params).compile(), tx.init, (params,), {})
 

@@ -4,8 +4,9 @@ A step runs three compiled programs, public here so that `Trainer` and `magistra
 the same ones: `microbatch_gradients` (loss, metric sums and gradients of one packed microbatch),
 `accumulate_gradients` (adds a microbatch's gradients into the running sum, in place) and the
 program `update_program` builds (the guarded optimizer update, parameters and optimizer state
-donated and kept in their shardings). A `Trainer` commits its parameters and optimizer state to
-their devices when it is built, so the second step finds the first step's programs compiled.
+donated and kept in their shardings), and `optimizer_init_program` creates the optimizer state in
+the parameters' shardings. A `Trainer` commits its parameters and optimizer state to their
+devices when it is built, so the second step finds the first step's programs compiled.
 
 Parameters keep `cfg.param_dtype` (float32 master weights by default in the training configs)
 while the forward computes in `cfg.dtype` (bfloat16); the optimizer state follows the parameters'
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from magistral_jax.compile_clock import compile_seconds
 from magistral_jax.config import ModelConfig
@@ -204,6 +206,20 @@ def update_program(tx: optax.GradientTransformation, param_shardings, state_shar
 shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
 
 
+def optimizer_init_program(tx: optax.GradientTransformation, params):
+    """The program that creates the optimizer state of `params` (arrays, or abstract arrays with
+    shardings): each moment in its parameter's sharding, the step counters replicated. (Left to
+    itself XLA replicates every moment on every device, since zeros depend on no input: the 24B's
+    Adam state would not fit a chip.)"""
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(shardings)[0]
+    whole = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    state_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings, transform_non_params=lambda _: whole
+    )
+    return jax.jit(tx.init, out_shardings=state_shardings)
+
+
 def _committed(tree):
     """`tree`'s arrays committed to the devices and shardings they are on (a jitted program's
     cache tells committed arrays from uncommitted ones: without this the first update's outputs,
@@ -234,7 +250,7 @@ class Trainer:
         compile_seconds()  # starts the compile clock before anything is compiled
         model.params = _committed(model.params)
         with model.mesh_context():
-            self.opt_state = _committed(jax.jit(self.tx.init)(model.params))
+            self.opt_state = optimizer_init_program(self.tx, model.params)(model.params)
         self.step = 0
         self._grad = functools.partial(microbatch_gradients, cfg=model.cfg, objective=objective, chunk=chunk)
         self._update = None

@@ -6,6 +6,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import magistral_jax as mj
@@ -127,6 +128,11 @@ def test_sharded_train_step_equals_single_device(single_device_update, shape):
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert model.params["layers"]["w1"].sharding == placed["layers"]["w1"].sharding
+    # Adam's moments live in their parameters' shardings, not replicated on every device.
+    for moment in ("mu", "nu"):
+        state = optax.tree_utils.tree_get(trainer.opt_state, moment)
+        for m, p in zip(jax.tree.leaves(state), jax.tree.leaves(placed), strict=True):
+            assert m.sharding.is_equivalent_to(p.sharding, p.ndim), moment
     np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-5)
 
