@@ -338,13 +338,19 @@ def splash_kernel_costs(
     else:
         computed = heads * math.ceil(t / block_q) * math.ceil(s / block_kv)
     flops = 2.0 * SPLASH_MATMULS[phase] * block_q * block_kv * d * computed
-    inner_block = block_q if phase == "dkv" else block_kv
+    # The inner side: its sequence length and block, and its operands.
+    inner_len, inner_block = (t, block_q) if phase == "dkv" else (s, block_kv)
     streamed = {0, *range(3, len(floats))} if phase == "dkv" else {1, 2}
     traffic = float(once_bytes)
     for n, (dtype, dims) in enumerate(floats):
         size = _DTYPE_BYTES.get(dtype, 4) * math.prod(dims)
-        # A streamed operand's block: `inner_block` of its rows (all dims but the last).
-        traffic += computed * size * inner_block / math.prod(dims[:-1]) if n in streamed else size
+        if n in streamed:
+            # One fetch: `inner_block` of the inner_len positions of one head's slice (the dims
+            # before the last two index heads; the sequence is either of the last two: [S, K]
+            # keys, or [8, T] statistics broadcast over sublanes).
+            traffic += computed * size / math.prod(dims[:-2]) * inner_block / inner_len
+        else:
+            traffic += size
     return KernelCosts(flops, traffic, block_mask is None)
 
 

@@ -135,3 +135,24 @@ def test_an_elided_block_mask_counts_every_block():
     costs = H.hlo_costs(SPLASH.replace("{ { { 1, 0 }, { 2, 1 } } }", "{...}"))
     assert costs.dense_kernel_masks == 1
     assert costs.flops == 6 * (MATMUL_FLOPS + 2 * 4 * SPLASH_BLOCK_FLOPS)
+
+
+def test_splash_dkv_streams_the_query_side_blocks():
+    # dk and dv of 2 heads over a shared [256, 64] key: the kernel walks key blocks outer, query
+    # blocks inner, fetching per computed block a 128-row block of the queries and output
+    # gradients ([head, 256, 64]) and of the softmax statistics (broadcast over 8 sublanes:
+    # [head, 8, 256]); keys and values are read once, dk and dv written once.
+    f32 = "f32"
+    floats = [
+        (f32, [2, 256, 64]),  # q
+        (f32, [256, 64]),  # k
+        (f32, [256, 64]),  # v
+        (f32, [2, 8, 256]),  # logsumexp
+        (f32, [2, 256, 64]),  # output gradients
+        (f32, [2, 8, 256]),  # di
+    ]
+    outputs = 2 * 256 * 64 * 4
+    costs = H.splash_kernel_costs("dkv", floats, outputs, 128, 128, ([1, 2, 2], [1, 0, 2, 1]))
+    per_block = 2 * (128 * 64 * 4) + 2 * (8 * 128 * 4)
+    assert costs.hbm_bytes == outputs + 2 * 256 * 64 * 4 + 6 * per_block
+    assert costs.flops == 6 * 2 * 4 * 128 * 128 * 64
