@@ -1,6 +1,7 @@
 """The train step: chunked log-probabilities, exact microbatch accumulation, sharding, SFT, guards,
 programs compiled once."""
 
+import contextlib
 import logging
 
 import jax
@@ -106,22 +107,50 @@ def single_device_update():
     params = jax.device_get(mj.init_model(cfg, 4).params)
     items = _grpo_items(seed=5, groups=4)
     microbatches = pack(items, row_len=16, rows=8).microbatches
-    model = mj.Model(cfg, jax.device_put(params))
+    model = mj.Model(cfg, jax.device_put(params))  # uncommitted, as init_model leaves them
     trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8)
     grads = jax.device_get(trainer.gradients(microbatches)[0])
     metrics = trainer.train_step(microbatches)
-    return cfg, params, microbatches, grads, jax.device_get(model.params), metrics
+    updated = jax.device_get(model.params)
+    # A second step, its compilations logged: a trainer that left its state uncommitted compiled
+    # every program again here (the first step's outputs are committed).
+    with jax.log_compiles(), _compile_log() as log:
+        second = trainer.train_step(microbatches)
+    return cfg, params, microbatches, grads, updated, metrics, (second, log)
+
+
+@contextlib.contextmanager
+def _compile_log():
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_the_second_step_compiles_nothing(single_device_update):
+    *_, microbatches, _, _, first, (second, log) = single_device_update
+    assert len(microbatches) > 1  # gradients, accumulation and the update all ran
+    assert first["time_compile"] > 0
+    assert [m for m in log if m.startswith("Compiling")] == [] and second["time_compile"] == 0.0
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
 def test_sharded_train_step_equals_single_device(single_device_update, shape):
-    cfg, params, microbatches, want_grads, want, want_metrics = single_device_update
+    cfg, params, microbatches, want_grads, want, want_metrics, _ = single_device_update
     mesh = mj.make_mesh(data=shape[0], fsdp=shape[1], tensor=shape[2])
     placed = jax.device_put(params, P.shardings(decoder.param_specs(cfg.text), mesh, cfg.rules))
     model = mj.Model(cfg, placed, mesh)
     trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8)
-    for a, b in zip(jax.tree.leaves(trainer.gradients(microbatches)[0]), jax.tree.leaves(want_grads), strict=True):
+    grads = trainer.gradients(microbatches)[0]
+    for a, b, p in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), jax.tree.leaves(placed), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+        # Gradients come out in their parameters' shardings (the embedding table's is no exception).
+        assert a.sharding.is_equivalent_to(p.sharding, p.ndim)
     metrics = trainer.train_step(microbatches)
     # Adam divides by the gradients' own scale, so elements with near-zero gradients move by up to
     # lr on rounding noise alone; the update agrees to a small fraction of lr.
@@ -159,22 +188,3 @@ def test_schedule_warmup_and_cosine():
     np.testing.assert_allclose(float(schedule(14)), 0.1, rtol=1e-6)
     with pytest.raises(ValueError, match=r"optimizer\.schedule"):
         OptimizerConfig(schedule="linear")
-
-
-def test_the_second_step_compiles_nothing(caplog):
-    # init_model leaves its parameters uncommitted; a step's outputs are committed. A trainer
-    # that did not commit its state at init compiled all its programs again at the second step.
-    model = mj.init_model(_cfg(), 7)
-    assert not jax.tree.leaves(model.params)[0].committed
-    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(), total_steps=5, chunk=8)
-    microbatches = pack(_grpo_items(seed=7, groups=4), row_len=20, rows=2).microbatches
-    assert len(microbatches) > 1  # gradients, accumulation and the update all run
-    with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        first = trainer.train_step(microbatches)
-        compiled_first = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
-        caplog.clear()
-        second = trainer.train_step(microbatches)
-        compiled_second = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
-    assert any("microbatch_gradients" in m for m in compiled_first)
-    assert compiled_second == []
-    assert first["time_compile"] > 0 and second["time_compile"] == 0.0
