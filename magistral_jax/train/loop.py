@@ -48,7 +48,7 @@ from magistral_jax.train.config import RunConfig, to_dict
 from magistral_jax.train.packing import Item, pack_across_processes
 from magistral_jax.train.step import Objective, Trainer
 
-TIMING_METRICS = ("time_sampling", "time_scoring", "time_training", "time_step", "tokens_per_s")
+TIMING_METRICS = ("time_sampling", "time_scoring", "time_training", "time_step", "tokens_per_s", "time_compile")
 
 
 def _overrides(cfg: RunConfig) -> dict:
