@@ -332,6 +332,8 @@ def _result(
     model_flops = sum(p.model_flops for p in phases)
     tokens = sum(p.tokens for p in phases if p.name == "train") or sum(p.tokens for p in phases)
     used_chips = topo.chips if overlapped else max((p.chips for p in phases), default=topo.chips)
+    if cfg.attention == "auto":
+        notes = ["attention auto is the splash kernel on a TPU (cached attention when decoding)", *notes]
     return PlanResult(
         config=cfg.name,
         task=task,
