@@ -331,7 +331,7 @@ def batcher_programs(
                 *(_host(mesh, (rows,), jnp.int32) for _ in range(3)),
                 _host(mesh, (), jnp.int32),
             ),
-            dict(cfg=cfg, cache_len=cache_len),
+            dict(cfg=cfg),
             mesh,
             completions / rows,
             loop_trips=_block_trips(math.ceil(prompt_len / block)),

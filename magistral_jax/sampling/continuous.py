@@ -70,16 +70,29 @@ def empty_state(*, cfg: ModelConfig, slots: int, cache_len: int, max_new: int) -
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"), donate_argnums=1)
-def insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, version, *, cfg, cache_len):
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=1)
+def insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, version, *, cfg):
     """The insert program: prefills `prompts` [R, P] into rows `slots` [R] of `state` (donated; an
-    out-of-range slot drops its row), with their budgets, seeds and the policy `version`."""
-    cache, last = prefill_rows(params, prompts, lengths, cfg, cache_len)
+    out-of-range slot drops its row), with their budgets, seeds and the policy `version`.
+
+    The prompts are prefilled into a cache of P slots only, written over the first P slots of
+    their rows; the rest of each row is marked empty (position -1), so what an earlier occupant
+    left there is never attended to, and inserting holds no second full-length cache (with 128
+    slots of 41k tokens, that second cache alone would not fit a v5p chip)."""
+    width = prompts.shape[1]
+    cache, last = prefill_rows(params, prompts, lengths, cfg, width)
     put = lambda buf, x: buf.at[slots].set(x, mode="drop")  # noqa: E731
+    write = lambda buf, x: buf.at[slots, :, :, :width].set(x, mode="drop")  # noqa: E731  [B, L, G, S, K]
+    empty = state.cache.positions.shape[1] - width
     zeros = {name: put(getattr(state, name), 0) for name in ("tokens", "logprobs", "raw_logprobs", "versions")}
     return dataclasses.replace(
         state,
-        cache=jax.tree.map(put, state.cache, cache),  # every cache array is row-major
+        cache=decoder.KVCache(
+            k=write(state.cache.k, cache.k),
+            v=write(state.cache.v, cache.v),
+            positions=put(state.cache.positions, jnp.pad(cache.positions, ((0, 0), (0, empty)), constant_values=-1)),
+            lengths=put(state.cache.lengths, cache.lengths),
+        ),
         logits=put(state.logits, last),
         logits_version=put(state.logits_version, version),
         **zeros,
@@ -188,7 +201,6 @@ class ContinuousBatcher:
                 jnp.asarray(seeds),
                 jnp.int32(self.version),
                 cfg=cfg,
-                cache_len=self.cache_len,
             )
 
     def step(self) -> list[Finished]:
