@@ -88,7 +88,7 @@ class PhaseResult:
 
     name: str
     chips: int
-    tokens: int  # trained tokens (train), prompt and generated tokens (sample)
+    tokens: int  # trained tokens (train), generated tokens (sample)
     model_flops: float
     flops: float
     hbm_bytes: float
@@ -313,7 +313,8 @@ def _result(
     overlapped: bool,
     notes: list[str],
 ) -> PlanResult:
-    """Assembles a plan from compiled programs; `train` / `sample`: (tokens, model FLOPs) of each phase."""
+    """Assembles a plan from compiled programs; `train` / `sample`: (tokens, model FLOPs) of each
+    phase: trained tokens and 6 N of them; generated tokens and 2 N x the prompt and generated ones."""
     from magistral_jax.aot.programs import param_counts
 
     total_params, matmul_params = param_counts(cfg)
@@ -473,7 +474,7 @@ def plan(
         programs = A.sampler_programs(
             cfg, jmesh, A.abstract_params(cfg, jmesh), batch, prompt, seq_len - prompt, 1, MAGISTRAL, (2,)
         )
-        sample = (batch * seq_len, 2.0 * matmul_params * batch * seq_len)
+        sample = (batch * (seq_len - prompt), 2.0 * matmul_params * batch * seq_len)
     results, compile_notes = _compile_all(programs, topo, dump_hlo)
     return _result(
         cfg,
@@ -515,7 +516,7 @@ def plan_run(
     train = step.programs[-1].mesh
     mesh = {a: int(train.shape.get(a, 1)) for a in ("data", "fsdp", "tensor")}
     trained = step.train.tokens
-    sample = (step.sampled_tokens, 2.0 * matmul_params * step.sampled_tokens) if step.sampled_tokens else None
+    sample = (step.generated_tokens, 2.0 * matmul_params * step.processed_tokens) if step.generated_tokens else None
     return _result(
         step.cfg,
         run.kind,

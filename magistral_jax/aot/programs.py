@@ -126,12 +126,13 @@ def compile_program(program: Program, outputs: dict[str, Abstract]) -> tuple[Any
         return compiled, outputs_of(compiled, program.fn, args, program.static)
 
 
-def optimizer_state(tx: optax.GradientTransformation, params: Abstract, mesh: Mesh) -> Abstract:
-    """The optimizer state `Trainer` creates (`train.step.optimizer_init_program`), abstract, in
-    the shardings that program gives it."""
-    init = train_step.optimizer_init_program(tx, params)
-    with jax.set_mesh(mesh):
-        return outputs_of(init.lower(params).compile(), tx.init, (params,), {})
+def optimizer_state(tx: optax.GradientTransformation, params: Abstract) -> Abstract:
+    """The optimizer state `Trainer` creates (`train.step.optimizer_init_program`), abstract."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(tx.init, params),
+        train_step.optimizer_state_shardings(tx, params),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def train_programs(
     """The programs `Trainer.train_step` runs, and the abstract parameters and optimizer state."""
     tx, _ = train_step.shared_optimizer(optimizer, total_steps)
     params = abstract_params(cfg, mesh)
-    state = optimizer_state(tx, params, mesh)
+    state = optimizer_state(tx, params)
     mb_shape = (shape.rows, shape.row_len)
     mb = {n: _rows(mesh, cfg, mb_shape, jnp.int32) for n in ("tokens", "targets", "segment_ids", "positions")}
     mb |= {n: _rows(mesh, cfg, mb_shape, jnp.float32) for n in FIELDS}
@@ -400,7 +401,8 @@ class RunPrograms:
     train: TrainShape
     train_devices: int
     sample_devices: int
-    sampled_tokens: int  # tokens the sampling programs process per step (prompts and completions)
+    generated_tokens: int  # tokens the sampling programs generate per step
+    processed_tokens: int  # tokens they run the model over (prompts and completions)
     overlapped: bool  # sampling runs beside training (asynchronous), not before it
     notes: list[str]
 
@@ -470,7 +472,7 @@ def run_programs(
         run.logprob_chunk,
         shape,
     )
-    sampled = 0
+    generated = processed = 0
     if run.kind == "grpo":
         sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         stop_ids = (_eos(run),)
@@ -492,7 +494,8 @@ def run_programs(
                 )
                 + programs
             )
-            sampled = n_batch * (prompt_len + g.max_new_tokens)
+            generated = n_batch * g.max_new_tokens
+            processed = generated + n_batch * prompt_len  # every request prefilled on its own
         else:
             programs = (
                 sampler_programs(
@@ -509,14 +512,16 @@ def run_programs(
                 )
                 + programs
             )
-            sampled = g.prompts_per_step * prompt_len + g.prompts_per_step * g.group_size * g.max_new_tokens
+            generated = g.prompts_per_step * g.group_size * g.max_new_tokens
+            processed = generated + g.prompts_per_step * prompt_len  # one prefill serves a group
     return RunPrograms(
         cfg,
         programs,
         shape,
         len(devices),
         len(generator_devices) or len(devices),
-        sampled,
+        generated,
+        processed,
         run.kind == "grpo" and a.enabled,
         notes,
     )

@@ -310,14 +310,16 @@ def format_plan(r) -> str:
         )
         lines.append(f"  collectives in the HLO: {coll or 'none'}")
     for ph in r.phases:
-        model = "6" if ph.name == "train" else "2"
         ratio = ph.flops * ph.chips / ph.model_flops if ph.model_flops else 0.0
-        what = "trained" if ph.name == "train" else "processed (prompts and generated)"
+        model = (
+            f"{ratio:.2f} x 6·N·tokens ({ph.tokens:,} trained tokens"
+            if ph.name == "train"
+            else f"{ratio:.2f} x 2·N·tokens (prompt and generated; {ph.tokens:,} generated tokens"
+        )
         lines.append(
-            f"{ph.name}: {_si(ph.flops, 'FLOP')} per chip x {ph.chips} chips = {ratio:.2f} x {model}·N·tokens "
-            f"({ph.tokens:,} {what} tokens, N = {_count(r.matmul_params)}); roofline: compute "
-            f"{_seconds(ph.compute_s)}, HBM {_seconds(ph.memory_s)} -> {_seconds(ph.time_s)} "
-            f"({ph.bound}-bound), {ph.tokens_per_s:,.0f} tokens/s, MFU {100 * ph.mfu:.1f}%"
+            f"{ph.name}: {_si(ph.flops, 'FLOP')} per chip x {ph.chips} chips = {model}, N = "
+            f"{_count(r.matmul_params)}); roofline: compute {_seconds(ph.compute_s)}, HBM {_seconds(ph.memory_s)} -> "
+            f"{_seconds(ph.time_s)} ({ph.bound}-bound), {ph.tokens_per_s:,.0f} tokens/s, MFU {100 * ph.mfu:.1f}%"
         )
     if not r.fits:
         lines.append(f"result: does not fit in {_gib(r.hbm_capacity_bytes)} GiB per chip on {r.topology}")

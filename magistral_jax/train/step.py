@@ -211,18 +211,22 @@ def update_program(tx: optax.GradientTransformation, param_shardings, state_shar
 shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
 
 
-def optimizer_init_program(tx: optax.GradientTransformation, params):
-    """The program that creates the optimizer state of `params` (arrays, or abstract arrays with
-    shardings): each moment in its parameter's sharding, the step counters replicated. (Left to
-    itself XLA replicates every moment on every device, since zeros depend on no input: the 24B's
-    Adam state would not fit a chip.)"""
+def optimizer_state_shardings(tx: optax.GradientTransformation, params):
+    """Where the optimizer state of `params` (arrays, or abstract arrays with shardings) lives: each
+    moment in its parameter's sharding, the step counters whole on every device."""
     shardings = jax.tree.map(lambda x: x.sharding, params)
     first = jax.tree.leaves(shardings)[0]
     whole = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
-    state_shardings = optax.tree_map_params(
+    return optax.tree_map_params(
         tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings, transform_non_params=lambda _: whole
     )
-    return jax.jit(tx.init, out_shardings=state_shardings)
+
+
+def optimizer_init_program(tx: optax.GradientTransformation, params):
+    """The program that creates the optimizer state of `params` in `optimizer_state_shardings`.
+    (Left to itself XLA replicates every moment on every device, since zeros depend on no input:
+    the 24B's Adam state would not fit a chip.)"""
+    return jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params))
 
 
 def _committed(tree):
