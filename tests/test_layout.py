@@ -20,15 +20,6 @@ import pytest
 PACKAGE = "magistral_jax"
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, PACKAGE)
 
-# Private imports that the `aot` branch removes (it gives the sampler and the plan public
-# `prefill` / `decode` programs): delete these entries once it is merged.
-KNOWN_PRIVATE_IMPORTS = {
-    ("magistral_jax.plan", "magistral_jax.sampling.sampler", "_decode"),
-    ("magistral_jax.plan", "magistral_jax.sampling.sampler", "_prefill"),
-    ("magistral_jax.sampling.continuous", "magistral_jax.sampling.sampler", "_decode"),
-    ("magistral_jax.sampling.continuous", "magistral_jax.sampling.sampler", "_round_up"),
-}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -185,16 +176,10 @@ def test_no_import_cycle_between_the_package_modules(ours):
 
 
 def test_no_module_imports_another_modules_private_names(ours):
-    found = [e for e in private_imports(ours) if (e.source, e.target, e.name) not in KNOWN_PRIVATE_IMPORTS]
+    found = private_imports(ours)
     assert not found, "underscore names imported from another module (make them public, or move them):\n" + "\n".join(
         f"    {e.source}:{e.line} imports {e.name} from {e.target}" for e in found
     )
-
-
-def test_the_known_private_imports_still_exist(ours):
-    # An exception left behind after its import is gone would let the same import come back unseen.
-    present = {(e.source, e.target, e.name) for e in private_imports(ours)}
-    assert KNOWN_PRIVATE_IMPORTS <= present, sorted(KNOWN_PRIVATE_IMPORTS - present)
 
 
 # --- the checker itself, on a package written for the test -----------------------------------------

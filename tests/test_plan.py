@@ -8,14 +8,20 @@ preset.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 pytest.importorskip("libtpu", reason="TPU ahead-of-time compilation needs libtpu: pip install -e '.[tpu]'")
 
-from magistral_jax import plan as P
+from magistral_jax.aot import planner as P
+from magistral_jax.aot import topologies as T
+from magistral_jax.aot.programs import param_counts
 from magistral_jax.cli import main
+from magistral_jax.cli.plan import format_plan
 from magistral_jax.config import get_preset
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
 SMALL_2509 = "magistral-small-2509"
 
@@ -37,22 +43,25 @@ def test_grpo_step_of_the_24b_at_32k_tokens_fits_a_v5p_slice(grpo_32k):
     assert (r.chip, r.chips) == ("v5p", 32)
     assert (r.task, r.batch, r.seq_len) == ("grpo", 32, 32768)
     assert (r.attention, r.remat, r.param_dtype, r.dtype) == ("chunked", "full", "float32", "bfloat16")
-    (step,) = r.programs
-    assert step.error is None
-    assert r.fits and step.fits
-    assert 0 < r.peak_bytes == step.peak_bytes < 95e9
-    # Donated parameters and optimizer state come back in place.
-    assert step.alias_bytes > 0.99 * step.output_bytes > 0
-    # float32 parameters plus two Adam moments of the ~24.0B parameters, split over 32 chips.
-    assert step.argument_bytes == pytest.approx(12 * r.params / 32, rel=0.02)
+    grads, update = r.programs
+    assert (grads.name, update.name) == ("gradients", "update")
+    assert grads.error is None and update.error is None
+    assert r.fits and grads.fits and update.fits
+    # While the gradients are computed, the optimizer state (two float32 Adam moments) waits beside.
+    assert grads.resident_bytes == pytest.approx(8 * r.params / 32, rel=0.02)
+    assert 0 < r.peak_bytes == max(grads.step_peak_bytes, update.step_peak_bytes) < 95e9
+    # The update takes float32 parameters, two Adam moments and the gradients of the ~24.0B
+    # parameters, split over 32 chips, and hands the donated parameters and state back in place.
+    assert update.argument_bytes == pytest.approx(16 * r.params / 32, rel=0.02)
+    assert update.alias_bytes > 0.99 * update.output_bytes > 0
     # Full remat computes at least 8 N T (forward, its recomputation, backward), and attention on
     # top; XLA's own analysis counts the 40-layer scan once, far below.
     ratio = r.flops * r.chips / r.model_flops
     assert 8 / 6 < ratio < 2.5
-    assert step.xla_flops * 10 < step.flops
-    assert step.collectives["all-gather"]["ops"] > 0 and step.collectives["all-gather"]["executed"] > 40
-    assert r.step_s == max(r.compute_s, r.memory_s) > 0 and 0 < r.mfu < 1
-    text = P.format_plan(r)
+    assert grads.xla_flops * 10 < grads.flops
+    assert grads.collectives["all-gather"]["ops"] > 0 and grads.collectives["all-gather"]["executed"] > 40
+    assert r.step_s == grads.time_s + update.time_s > 0 and 0 < r.mfu < 1
+    text = format_plan(r)
     assert "-> fits" in text and "result: fits" in text and "roofline estimate" in text
 
 
@@ -61,7 +70,7 @@ def test_sampler_of_the_24b_with_a_40k_cache_fits_a_v5e_8(sample_40k):
     assert (r.chip, r.chips, r.mesh) == ("v5e", 8, {"data": 1, "fsdp": 1, "tensor": 8})
     assert (r.task, r.batch, r.seq_len, r.prompt_len, r.param_dtype) == ("sample", 8, 40960, 1024, "bfloat16")
     prefill, decode = r.programs
-    assert (prefill.name, decode.name) == ("prefill", "decode_step")
+    assert (prefill.name, decode.name) == ("prefill", "decode")
     assert r.fits and prefill.fits and decode.fits
     assert 0 < prefill.peak_bytes < 16e9 and 0 < decode.peak_bytes < 16e9
     assert r.peak_bytes == max(prefill.peak_bytes, decode.peak_bytes)
@@ -80,11 +89,12 @@ def test_sampler_of_the_24b_with_a_40k_cache_fits_a_v5e_8(sample_40k):
     assert must < decode.hbm_bytes < 1.15 * must, (decode.hbm_bytes, must)
 
 
-def _hand_count(cfg, batch: int, seq: int, attention_units: int) -> int:
+def _hand_count(cfg, batch: int, seq: int, attention_units: float) -> float:
     """Matmul FLOPs of a train step without remat, counted by hand: each dense matmul once
     forward and twice backward; the head (chunked under jax.checkpoint) once more; attention
     `attention_units` x 2 B T^2 N K per layer (xla: 2 forward, 4 backward; chunked, every block:
-    2 forward, 7 backward)."""
+    2 forward, 7 backward; splash: 2 forward, 3 for dq and 4 for dk and dv, on the blocks its
+    causal mask computes)."""
     t = cfg.text
     tokens = batch * seq
     per_token = t.dim * (2 * t.n_heads * t.head_dim + 2 * t.n_kv_heads * t.head_dim + 3 * t.hidden_dim)
@@ -94,15 +104,25 @@ def _hand_count(cfg, batch: int, seq: int, attention_units: int) -> int:
     return 3 * dense + attention_units * attention + 4 * head
 
 
-@pytest.mark.parametrize(("attention", "units"), [("xla", 6), ("chunked", 9)])
-def test_compiled_flops_of_a_tiny_train_step_match_a_hand_count(attention, units):
+@pytest.mark.parametrize(
+    ("attention", "block", "units"),
+    [
+        ("xla", 512, 6),
+        ("chunked", 512, 9),
+        # The TPU kernel in 2 x 2 blocks of 128: the causal mask computes 3 of the 4.
+        ("splash", 128, 9 * 3 / 4),
+    ],
+)
+def test_compiled_flops_of_a_tiny_train_step_match_a_hand_count(attention, block, units):
     cfg = get_preset("tiny").replace(**{"text.n_layers": 4})
-    r = P.plan(cfg, "v5e-4", "grpo", batch=4, seq_len=256, remat="none", attention=attention)
+    r = P.plan(cfg, "v5e-4", "grpo", batch=4, seq_len=256, remat="none", attention=attention, attention_block=block)
     expected = _hand_count(cfg, 4, 256, units)
     # One row per chip: nothing is computed twice; the count is exact up to rounding.
     assert r.flops * r.chips == pytest.approx(expected, rel=1e-3)
+    grads = r.programs[0]
     # XLA's cost_analysis counts the scanned layers (and attention blocks) once.
-    assert r.programs[0].xla_flops * r.chips < 0.5 * expected
+    assert grads.xla_flops * r.chips < 0.5 * expected
+    assert grads.custom_calls == (3 if attention == "splash" else 0) and grads.dense_kernel_masks == 0
 
 
 def test_parameter_counts_are_the_closed_form_of_the_24b():
@@ -110,71 +130,19 @@ def test_parameter_counts_are_the_closed_form_of_the_24b():
     t = cfg.text
     layer = 2 * t.dim + t.dim * t.head_dim * (2 * t.n_heads + 2 * t.n_kv_heads) + 3 * t.dim * t.hidden_dim
     text = t.vocab_size * t.dim + t.n_layers * layer + t.dim + t.dim * t.vocab_size
-    total, matmul = P.param_counts(cfg)
+    total, matmul = param_counts(cfg)
     assert matmul == text - t.vocab_size * t.dim
     assert total > text  # the Pixtral encoder and projector
-    assert P.param_counts(cfg.replace(vision=None)) == (text, matmul)
+    assert param_counts(cfg.replace(vision=None)) == (text, matmul)
     assert 23.5e9 < text < 23.6e9
 
 
-def test_hlo_costs_unroll_loops_by_their_trip_counts():
-    # A loop of 5 trips around a [8,16] x [16,32] matmul, as XLA prints it.
-    hlo = """HloModule m, entry_computation_layout={()->f32[8,32]{1,0}}
-
-%body (p: (s32[], f32[8,16], f32[16,32])) -> (s32[], f32[8,16], f32[16,32]) {
-  %p = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %one = s32[] constant(1)
-  %next = s32[] add(%i, %one)
-  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
-  %w = f32[16,32]{1,0} get-tuple-element(%p), index=2
-  %y = f32[8,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-  %g = f32[8,16]{1,0} all-gather(%x), dimensions={0}
-  ROOT %t = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%next, %g, %w)
-}
-
-%cond (q: (s32[], f32[8,16], f32[16,32])) -> pred[] {
-  %q = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
-  %j = s32[] get-tuple-element(%q), index=0
-  %n = s32[] constant(5)
-  ROOT %lt = pred[] compare(%j, %n), direction=LT
-}
-
-ENTRY %main () -> f32[8,32] {
-  %zero = s32[] constant(0)
-  %x0 = f32[8,16]{1,0} constant({...})
-  %w0 = f32[16,32]{1,0} constant({...})
-  %init = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%zero, %x0, %w0)
-  %loop = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) while(%init), condition=%cond, body=%body
-  %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
-  ROOT %r = f32[8,32]{1,0} dot(%out, %w0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-}
-"""
-    costs = P.hlo_costs(hlo)
-    assert costs.flops == 6 * 2 * 8 * 16 * 32
-    assert costs.loops == 1 and costs.unknown_trip_loops == 0
-    assert costs.collectives["all-gather"] == {"ops": 1, "executed": 5, "bytes": 5 * 8 * 16 * 4}
-
-
 def test_topology_names_map_to_chips():
-    assert P.topology("v5p-64") == P.Topology("v5p-64", "v5p:2x4x4", P.CHIPS["v5p"], 32)
-    assert P.topology("v4-16").chips == 8 and P.topology("v5e-8").chips == 8 and P.topology("v6e-1").chips == 1
-    assert len(P.topology_devices("v4-16")) == 8  # one device per chip (megacore)
+    assert T.topology("v5p-64") == T.Topology("v5p-64", "v5p:2x4x4", T.CHIPS["v5p"], 32)
+    assert T.topology("v4-16").chips == 8 and T.topology("v5e-8").chips == 8 and T.topology("v6e-1").chips == 1
+    assert len(T.topology_devices("v4-16")) == 8  # one device per chip (megacore)
     with pytest.raises(ValueError, match=r"known: .*v5p-64"):
-        P.topology("v5p-63")
-
-
-def test_cli_json_has_the_figures(capsys):
-    args = "plan --config tiny --topology v5e-4 --task grpo --batch 4 --seq-len 256 --remat full --json"
-    assert main(args.split()) == 0
-    out = json.loads(capsys.readouterr().out)
-    for key in ("fits", "peak_bytes", "flops", "model_flops", "hbm_bytes", "step_s", "mfu", "compute_s", "memory_s"):
-        assert key in out
-    assert out["fits"] is True and out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-    (program,) = out["programs"]
-    for key in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "collectives", "xla_flops"):
-        assert key in program
-    assert program["peak_bytes"] == out["peak_bytes"] > 0 and out["remat"] == "full"
+        T.topology("v5p-63")
 
 
 def test_cli_bad_topology_lists_the_known_names(capsys):
@@ -198,3 +166,37 @@ def test_cli_search_exits_1_when_nothing_fits(capsys):
     out = capsys.readouterr().out
     assert "no candidate fits" in out
     assert out.count("needs more memory than data=1,tensor=1 remat full") == 3
+
+
+def test_cli_plans_a_recipe_from_its_run_config(capsys):
+    recipe = os.path.join(ROOT, "configs", "sft-tiny.yaml")
+    overrides = "row_len=256 microbatch_tokens=1024 sft.batch_size=8 model_overrides.remat=full"
+    assert main(f"plan --config {recipe} --topology v5e-4 {overrides} --json".split()) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("fits", "peak_bytes", "flops", "model_flops", "hbm_bytes", "step_s", "mfu", "compute_s", "memory_s"):
+        assert key in out
+    assert out["fits"] is True and out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and out["remat"] == "full"
+    # The run's 8 examples in microbatches of 4 rows of 256: the gradient program twice and one
+    # accumulation per step, then the update; the model from the recipe's `model: tiny`.
+    grads = out["programs"][0]
+    assert [(p["name"], p["executions"]) for p in out["programs"]] == [
+        ("gradients", 2),
+        ("accumulate", 1),
+        ("update", 1),
+    ]
+    for key in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "collectives", "xla_flops"):
+        assert key in grads
+    assert max(p["step_peak_bytes"] for p in out["programs"]) == out["peak_bytes"] > 0
+    # While the second microbatch's gradients are computed, the optimizer state (two Adam moments)
+    # and the first microbatch's gradients wait beside the program: 12 bytes a parameter, over 4 chips.
+    params, _ = param_counts(get_preset("tiny"))
+    assert grads["resident_bytes"] == pytest.approx(12 * params / 4, rel=0.05)
+    assert out["tokens"] == 2 * 4 * 256 and "model config from model: tiny" in out["notes"]
+
+
+def test_cli_recipe_form_refuses_flags_and_needs_sft_rows(capsys):
+    recipe = os.path.join(ROOT, "configs", "sft-tiny.yaml")
+    assert main(f"plan --config {recipe} --topology v5e-4 --batch 4".split()) == 1
+    assert "is a run config: --batch belong to the model-and-flags form" in capsys.readouterr().err
+    assert main(f"plan --config {recipe} --topology v5e-4".split()) == 1
+    assert "row_len: plan needs the SFT rows' length" in capsys.readouterr().err

@@ -79,9 +79,9 @@ def attention(
     t, s = q.shape[1], k.shape[1]
     self_attention = kv_positions is q_positions and kv_segments is q_segments
     if impl == "auto":
-        if jax.default_backend() == "tpu" and self_attention:
+        if _platform() == "tpu" and self_attention:
             impl = "splash"
-        elif jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        elif _platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             impl = "cudnn"
         elif t * s > CHUNKED_THRESHOLD:
             impl = "chunked"
@@ -97,12 +97,20 @@ def attention(
     if impl == "xla":
         return _xla_attention(q, k, v, mask, scale)
     if impl == "cudnn":
-        use_cudnn = jax.default_backend() == "gpu"
+        use_cudnn = _platform() == "gpu"
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn" if use_cudnn else None
         )
         return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
     raise ValueError(f"attention: unknown implementation {impl!r}; expected one of {IMPLS}")
+
+
+def _platform() -> str:
+    """The platform this call is traced for: the context mesh's devices' (a TPU topology compiled
+    ahead of time from a CPU host is `tpu`), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _xla_attention(q, k, v, mask, scale):
@@ -383,9 +391,7 @@ def _splash_attention(q, k, v, segments, causal, scale, block, rules):
         block_q_dq=blk,
         block_kv_dq=blk,
     )
-    kernel = sk.make_splash_mqa(
-        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu"
-    )
+    kernel = sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=_platform() != "tpu")
 
     def local(q, k, v, segments):
         # One MQA kernel call per (sequence, kv head) on [R, T, K] queries and [T, K] keys.

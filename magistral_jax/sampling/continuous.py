@@ -26,7 +26,7 @@ import numpy as np
 
 from magistral_jax.config import ModelConfig
 from magistral_jax.model import decoder
-from magistral_jax.sampling.sampler import BUCKET, DecodeState, _decode, _round_up, empty_outputs, prefill_rows
+from magistral_jax.sampling.sampler import DecodeState, cache_shape, decode, empty_outputs, prefill_rows
 from magistral_jax.sampling.strategies import SamplingParams
 from magistral_jax.sharding import to_host
 
@@ -55,7 +55,8 @@ class Finished:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "cache_len", "max_new"))
-def _empty(*, cfg: ModelConfig, slots: int, cache_len: int, max_new: int) -> DecodeState:
+def empty_state(*, cfg: ModelConfig, slots: int, cache_len: int, max_new: int) -> DecodeState:
+    """A `DecodeState` of `slots` idle rows (done, no budget) over an empty cache."""
     return DecodeState(
         cache=decoder.KVCache.init(cfg, slots, cache_len),
         logits=jnp.zeros((slots, cfg.text.vocab_size), jnp.float32),
@@ -69,15 +70,29 @@ def _empty(*, cfg: ModelConfig, slots: int, cache_len: int, max_new: int) -> Dec
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"), donate_argnums=1)
-def _insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, version, *, cfg, cache_len):
-    """Prefills `prompts` into rows `slots` of `state` (an out-of-range slot drops its row)."""
-    cache, last = prefill_rows(params, prompts, lengths, cfg, cache_len)
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=1)
+def insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, version, *, cfg):
+    """The insert program: prefills `prompts` [R, P] into rows `slots` [R] of `state` (donated; an
+    out-of-range slot drops its row), with their budgets, seeds and the policy `version`.
+
+    The prompts are prefilled into a cache of P slots only, written over the first P slots of
+    their rows; the rest of each row is marked empty (position -1), so what an earlier occupant
+    left there is never attended to, and inserting holds no second full-length cache (with 128
+    slots of 41k tokens, that second cache alone would not fit a v5p chip)."""
+    width = prompts.shape[1]
+    cache, last = prefill_rows(params, prompts, lengths, cfg, width)
     put = lambda buf, x: buf.at[slots].set(x, mode="drop")  # noqa: E731
+    write = lambda buf, x: buf.at[slots, :, :, :width].set(x, mode="drop")  # noqa: E731  [B, L, G, S, K]
+    empty = state.cache.positions.shape[1] - width
     zeros = {name: put(getattr(state, name), 0) for name in ("tokens", "logprobs", "raw_logprobs", "versions")}
     return dataclasses.replace(
         state,
-        cache=jax.tree.map(put, state.cache, cache),  # every cache array is row-major
+        cache=decoder.KVCache(
+            k=write(state.cache.k, cache.k),
+            v=write(state.cache.v, cache.v),
+            positions=put(state.cache.positions, jnp.pad(cache.positions, ((0, 0), (0, empty)), constant_values=-1)),
+            lengths=put(state.cache.lengths, cache.lengths),
+        ),
         logits=put(state.logits, last),
         logits_version=put(state.logits_version, version),
         **zeros,
@@ -86,6 +101,12 @@ def _insert(params, state: DecodeState, slots, prompts, lengths, limits, seeds, 
         limits=put(state.limits, limits),
         keys=put(state.keys, jax.vmap(jax.random.key)(seeds)),
     )
+
+
+def insert_rows(requests: int, slots: int) -> int:
+    """Rows of the insert program for `requests` new requests into a batcher of `slots` slots:
+    rounded up to a power of two, at least 8 (or the slots), so that few programs are compiled."""
+    return max(1 << (requests - 1).bit_length(), min(8, 1 << (slots - 1).bit_length()))
 
 
 class ContinuousBatcher:
@@ -118,8 +139,7 @@ class ContinuousBatcher:
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.version = version
         self.max_new_tokens = max_new_tokens
-        self.width = _round_up(max_prompt_len, BUCKET)
-        self.cache_len = _round_up(self.width + max_new_tokens, BUCKET)
+        self.width, self.cache_len = cache_shape(max_prompt_len, max_new_tokens)
         if self.width + max_new_tokens > model.cfg.text.max_position_embeddings:
             raise ValueError(
                 f"prompts of {max_prompt_len} tokens plus {max_new_tokens} new tokens exceed the model's context "
@@ -129,7 +149,7 @@ class ContinuousBatcher:
         self.generated = 0  # tokens decoded so far
         self._lengths = np.zeros(slots, np.int64)
         with model.mesh_context():
-            self.state = _empty(cfg=model.cfg, slots=slots, cache_len=self.cache_len, max_new=max_new_tokens)
+            self.state = empty_state(cfg=model.cfg, slots=slots, cache_len=self.cache_len, max_new=max_new_tokens)
 
     @property
     def free_slots(self) -> list[int]:
@@ -151,9 +171,7 @@ class ContinuousBatcher:
         if len(requests) > len(free):
             raise ValueError(f"insert: {len(requests)} requests for {len(free)} free slots")
         cfg = self.model.cfg
-        # Row counts are rounded up to a power of two, at least 8 (or the slots), so that few
-        # programs are compiled.
-        rows = max(1 << (len(requests) - 1).bit_length(), min(8, 1 << (len(self.occupant) - 1).bit_length()))
+        rows = insert_rows(len(requests), len(self.occupant))
         prompts = np.zeros((rows, self.width), np.int32)
         lengths = np.ones(rows, np.int32)
         limits = np.zeros(rows, np.int32)
@@ -173,7 +191,7 @@ class ContinuousBatcher:
             self.occupant[slot] = req
             self._lengths[slot] = 0
         with self.model.mesh_context():
-            self.state = _insert(
+            self.state = insert(
                 self.model.params,
                 self.state,
                 jnp.asarray(slots),
@@ -183,7 +201,6 @@ class ContinuousBatcher:
                 jnp.asarray(seeds),
                 jnp.int32(self.version),
                 cfg=cfg,
-                cache_len=self.cache_len,
             )
 
     def step(self) -> list[Finished]:
@@ -191,7 +208,7 @@ class ContinuousBatcher:
         if not self.busy:
             return []
         with self.model.mesh_context():
-            self.state = _decode(
+            self.state = decode(
                 self.model.params,
                 self.state,
                 self.state.step + self.chunk,

@@ -13,8 +13,11 @@ S cache slots, V vocabulary.
   those a teacher-forced forward computes (tests check it to 1e-5 in fp32).
 - Streaming runs the same loop in chunks of `chunk` tokens and hands each chunk to Python, so
   control leaves the compiled loop once per chunk, not per token.
-- Prompt length and cache size are rounded up to multiples of `BUCKET`, so prompts of similar
-  lengths share compiled code.
+- Prompt length and cache size are rounded up to multiples of `BUCKET` (`cache_shape`), so
+  prompts of similar lengths share compiled code.
+- The compiled programs are public: `prefill` (prompts into a fresh cache, `n` samples each) and
+  `decode` (decode steps over a donated `DecodeState` up to a step limit: the whole loop, or one
+  chunk of it). `Sampler`, the continuous batcher and `magistral-jax plan` all call these.
 - Over a mesh that spans several processes (multi-host), every process passes the same prompts,
   seed and settings (checked), the prompts become global arrays sharded over the batch axes, and
   the outputs are gathered to every process: each gets exactly what one process sampling on the
@@ -96,7 +99,11 @@ class SampleOutput:
         return self.tokens[row, : self.lengths[row]].tolist()
 
 
-_round_up = round_up  # call sites keep this name while issue 17 makes the sampler's programs public
+def cache_shape(longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+    """(padded prompt width P, cache slots S) of a batch whose longest prompt and largest budget
+    are given: both rounded up to `BUCKET`, so that nearby lengths share compiled programs."""
+    width = round_up(longest_prompt, BUCKET)
+    return width, round_up(width + max_new_tokens, BUCKET)
 
 
 def empty_outputs(rows: int, max_new: int) -> dict[str, jax.Array]:
@@ -121,9 +128,13 @@ def prefill_rows(params, prompts, lengths, cfg: ModelConfig, cache_len: int, ima
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "cache_len", "max_new"))
-def _prefill(
+def prefill(
     params, prompts, lengths, key, images, limits=None, *, cfg: ModelConfig, n: int, cache_len: int, max_new: int
 ) -> DecodeState:
+    """The prefill program: `prompts` [B, P] (right-padded to `lengths`, with `images` or None)
+    into a fresh cache of `cache_len` slots, repeated `n` times along the rows (row `b * n + i`
+    is sample i of prompt b), with row budgets `limits` [B] (default `max_new` each) and one
+    PRNG key per row folded from `key`."""
     cache, last = prefill_rows(params, prompts, lengths, cfg, cache_len, images)
     # n samples per prompt: repeat the filled cache rather than prefilling again.
     repeat = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
@@ -144,7 +155,7 @@ def _prefill(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_ids"), donate_argnums=1)
-def _decode(
+def decode(
     params,
     state: DecodeState,
     limit,
@@ -154,8 +165,9 @@ def _decode(
     sampling: SamplingParams,
     stop_ids: tuple[int, ...],
 ):
-    """Decode steps until `state.step` reaches `limit` or no row is live; `version` is recorded
-    as the policy version of the logits these parameters compute."""
+    """The decode program: decode steps over `state` (donated) until `state.step` reaches `limit`
+    or no row is live; `version` is recorded as the policy version of the logits these
+    parameters compute. One call runs a whole sampling loop or one chunk of it."""
     rows = state.done.shape[0]
     stops = jnp.asarray(stop_ids, jnp.int32)
     version = jnp.asarray(version, jnp.int32)
@@ -235,18 +247,17 @@ class Sampler:
                 f"a prompt of {int(lengths.max())} tokens plus {max_new_tokens} new tokens exceeds the model's "
                 f"context of {cfg.text.max_position_embeddings}"
             )
-        width = _round_up(int(lengths.max()), BUCKET)
+        width, cache_len = cache_shape(int(lengths.max()), max_new_tokens)
         batch = np.zeros((len(prompts), width), np.int32)
         for i, p in enumerate(prompts):
             batch[i, : len(p)] = p
         if batch.max() >= cfg.text.vocab_size or batch.min() < 0:
             raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
-        cache_len = _round_up(width + max_new_tokens, BUCKET)
         if jax.process_count() > 1:
             _check_same_on_every_process(batch, lengths, budgets, n, seed)
         vision_inputs = None if images is None else image_inputs(batch, images, cfg)
         with self.model.mesh_context():
-            return _prefill(
+            return prefill(
                 self.model.params,
                 self.model.place_batch(batch),
                 jnp.asarray(lengths),
@@ -262,7 +273,7 @@ class Sampler:
     def _decode(self, state: DecodeState, limit: int, sampling: SamplingParams) -> DecodeState:
         # A fixed-weights sampler: every token comes from policy version 0.
         with self.model.mesh_context():
-            return _decode(
+            return decode(
                 self.model.params,
                 state,
                 jnp.int32(limit),

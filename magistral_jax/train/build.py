@@ -7,7 +7,7 @@ import jax
 from magistral_jax.checkpoint.runs import architecture, is_run_dir, load_run_params
 from magistral_jax.config import ModelConfig
 from magistral_jax.train.config import RunConfig
-from magistral_jax.train.step import Objective, Trainer
+from magistral_jax.train.step import Trainer, objective_of
 
 
 def model_config(cfg: RunConfig) -> ModelConfig:
@@ -54,18 +54,11 @@ def build_trainer(cfg: RunConfig, model=None, devices: list | None = None) -> Tr
 
         model.params = jax.device_put(model.params, P.shardings(param_specs(model.cfg), mesh, model.cfg.rules))
         model.mesh = mesh
-    objective = Objective(
-        kind="sft" if cfg.kind == "sft" else "pg",
-        eps_low=cfg.grpo.eps_low,
-        eps_high=cfg.grpo.eps_high,
-        kl_coef=cfg.grpo.kl_coef,
-        temperature=cfg.grpo.temperature if cfg.kind == "grpo" else 1.0,
-    )
     updates_per_step = cfg.grpo.minibatches if cfg.kind == "grpo" else 1
     return Trainer(
         model,
         cfg.optimizer,
-        objective,
+        objective_of(cfg),
         total_steps=cfg.steps * updates_per_step,
         chunk=cfg.logprob_chunk,
         max_nonfinite=cfg.max_nonfinite,

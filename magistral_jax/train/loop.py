@@ -54,7 +54,7 @@ from magistral_jax.train.sft import SFTStep
 from magistral_jax.train.step import Trainer
 from magistral_jax.train.sync_grpo import GRPOStep
 
-TIMING_METRICS = ("time_sampling", "time_scoring", "time_training", "time_step", "tokens_per_s")
+TIMING_METRICS = ("time_sampling", "time_scoring", "time_training", "time_step", "tokens_per_s", "time_compile")
 
 
 class ProcessShard:

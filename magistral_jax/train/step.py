@@ -1,5 +1,13 @@
 """The train step: gradients accumulated over microbatches, one optimizer update, a non-finite guard.
 
+A step runs three compiled programs, public here so that `Trainer` and `magistral-jax plan` compile
+the same ones: `microbatch_gradients` (loss, metric sums and gradients of one packed microbatch),
+`accumulate_gradients` (adds a microbatch's gradients into the running sum, in place) and the
+program `update_program` builds (the guarded optimizer update, parameters and optimizer state
+donated and kept in their shardings), and `optimizer_init_program` creates the optimizer state in
+the parameters' shardings. A `Trainer` commits its parameters and optimizer state to their
+devices when it is built, so the second step finds the first step's programs compiled.
+
 Parameters keep `cfg.param_dtype` (float32 master weights by default in the training configs)
 while the forward computes in `cfg.dtype` (bfloat16); the optimizer state follows the parameters'
 dtype and sharding. The loss of a microbatch is a weighted sum over its tokens (weights computed
@@ -11,18 +19,24 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from magistral_jax.compile_clock import compile_seconds
 from magistral_jax.config import ModelConfig
+from magistral_jax.model import param_specs
 from magistral_jax.model.decoder import token_logprobs
 from magistral_jax.rl.losses import k3_kl, token_losses
-from magistral_jax.sharding import local_batch_to_global
+from magistral_jax.sharding import constrain, local_batch_to_global
 from magistral_jax.train.packing import FIELDS, Microbatch
+
+if TYPE_CHECKING:
+    from magistral_jax.train.config import RunConfig
 
 
 class TrainingError(RuntimeError):
@@ -39,6 +53,20 @@ class Objective:
     eps_high: float = 0.28
     kl_coef: float = 0.0
     temperature: float = 1.0
+
+
+def objective_of(run: RunConfig) -> Objective:
+    """The objective a run config trains with (`sft`, or the run's `grpo` clipping, KL and
+    temperature)."""
+    grpo = run.kind == "grpo"
+    g = run.grpo
+    return Objective(
+        kind="pg" if grpo else "sft",
+        eps_low=g.eps_low,
+        eps_high=g.eps_high,
+        kl_coef=g.kl_coef,
+        temperature=g.temperature if grpo else 1.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -128,16 +156,84 @@ def guarded_update(tx, params, opt_state, grads, loss):
     return params, opt_state, finite, optax.tree.norm(grads)
 
 
-# Compiled once per (config, objective, chunk) and shapes, shared by every trainer.
-_loss_and_grad = jax.jit(
-    jax.value_and_grad(microbatch_loss, has_aux=True), static_argnames=("cfg", "objective", "chunk")
-)
-_add_trees = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-# Likewise the update, per optimizer (one object per configuration) and parameter layout; the
-# last few are kept.
-_shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
-_APPLY: dict[Any, Any] = {}
-_APPLY_KEEP = 16
+# ------------------------------------------------------------------------------------------------
+# The programs of a train step
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "objective", "chunk"))
+def microbatch_gradients(params, mb: dict[str, jax.Array], *, cfg: ModelConfig, objective: Objective, chunk: int):
+    """The per-microbatch program: ((loss, metric sums), gradients) of one packed microbatch
+    (`microbatch_loss`), compiled once per (config, objective, chunk) and shapes. The gradients
+    come out in their parameters' shardings (left to itself XLA keeps some whole on every device:
+    the embedding table's, a scatter into zeros, 2.7 GB per chip for the 24B)."""
+    out, grads = jax.value_and_grad(microbatch_loss, has_aux=True)(params, mb, cfg, objective, chunk)
+    specs = param_specs(cfg)
+    return out, jax.tree.map(lambda g, spec: constrain(g, spec.axes, cfg.rules), grads, specs)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def accumulate_gradients(total, grads):
+    """The accumulation program: `total + grads`, written into `total` (donated)."""
+    return jax.tree.map(jnp.add, total, grads)
+
+
+# One update program per optimizer (one object per configuration) and parameter layout; the last
+# few are kept.
+_UPDATES: dict[Any, Any] = {}
+_UPDATES_KEPT = 16
+
+
+def update_program(tx: optax.GradientTransformation, param_shardings, state_shardings):
+    """The update program of optimizer `tx` for parameters and optimizer state laid out as
+    `param_shardings` / `state_shardings` (pytrees of shardings): `(params, opt_state, grads,
+    loss) -> (params, opt_state, finite, gradient norm)` (`guarded_update`), parameters and state
+    donated and returned in the same shardings (so the next step's programs see the same inputs)."""
+    key = (
+        tx,
+        jax.tree.structure((param_shardings, state_shardings)),
+        *jax.tree.leaves((param_shardings, state_shardings)),
+    )
+    if key not in _UPDATES:
+        if len(_UPDATES) >= _UPDATES_KEPT:
+            del _UPDATES[next(iter(_UPDATES))]
+
+        def update(params, opt_state, grads, loss):
+            return guarded_update(tx, params, opt_state, grads, loss)
+
+        _UPDATES[key] = jax.jit(
+            update, donate_argnums=(0, 1), out_shardings=(param_shardings, state_shardings, None, None)
+        )
+    return _UPDATES[key]
+
+
+# One optimizer object per configuration, so that trainers of one configuration share programs.
+shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
+
+
+def optimizer_state_shardings(tx: optax.GradientTransformation, params):
+    """Where the optimizer state of `params` (arrays, or abstract arrays with shardings) lives: each
+    moment in its parameter's sharding, the step counters whole on every device."""
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(shardings)[0]
+    whole = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    return optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings, transform_non_params=lambda _: whole
+    )
+
+
+def optimizer_init_program(tx: optax.GradientTransformation, params):
+    """The program that creates the optimizer state of `params` in `optimizer_state_shardings`.
+    (Left to itself XLA replicates every moment on every device, since zeros depend on no input:
+    the 24B's Adam state would not fit a chip.)"""
+    return jax.jit(tx.init, out_shardings=optimizer_state_shardings(tx, params))
+
+
+def _committed(tree):
+    """`tree`'s arrays committed to the devices and shardings they are on (a jitted program's
+    cache tells committed arrays from uncommitted ones: without this the first update's outputs,
+    committed, would make the second step compile every program again)."""
+    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, x.sharding), tree)
 
 
 class Trainer:
@@ -159,33 +255,21 @@ class Trainer:
         self.max_nonfinite = max_nonfinite
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.tx, self.schedule = _shared_optimizer(optimizer, total_steps)
+        self.tx, self.schedule = shared_optimizer(optimizer, total_steps)
+        compile_seconds()  # starts the compile clock before anything is compiled
+        model.params = _committed(model.params)
         with model.mesh_context():
-            self.opt_state = jax.jit(self.tx.init)(model.params)
+            self.opt_state = optimizer_init_program(self.tx, model.params)(model.params)
         self.step = 0
-        self._grad = functools.partial(_loss_and_grad, cfg=model.cfg, objective=objective, chunk=chunk)
-        self._add = _add_trees
-        self._apply = None
+        self._grad = functools.partial(microbatch_gradients, cfg=model.cfg, objective=objective, chunk=chunk)
+        self._update = None
 
-    def _build_apply(self):
-        shardings = (
+    def _update_program(self):
+        return update_program(
+            self.tx,
             jax.tree.map(lambda x: x.sharding, self.model.params),
             jax.tree.map(lambda x: x.sharding, self.opt_state),
         )
-        key = (self.tx, jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
-        if key not in _APPLY:
-            if len(_APPLY) >= _APPLY_KEEP:
-                del _APPLY[next(iter(_APPLY))]
-            _APPLY[key] = self._make_apply(shardings)
-        return _APPLY[key]
-
-    def _make_apply(self, shardings):
-        tx = self.tx
-
-        def apply(params, opt_state, grads, loss):
-            return guarded_update(tx, params, opt_state, grads, loss)
-
-        return jax.jit(apply, donate_argnums=(0, 1), out_shardings=(*shardings, None, None))
 
     def place(self, x: np.ndarray) -> jax.Array:
         """This process's rows of a [rows, T] batch as a global array (one process: all rows,
@@ -209,7 +293,7 @@ class Trainer:
         with self.model.mesh_context():
             for mb in microbatches:
                 (mb_loss, stats), mb_grads = self._grad(self.model.params, self._place(mb))
-                grads = mb_grads if grads is None else self._add(grads, mb_grads)
+                grads = mb_grads if grads is None else accumulate_gradients(grads, mb_grads)
                 loss = mb_loss if loss is None else loss + mb_loss
                 for k, v in stats.items():
                     sums[k] = v if k not in sums else sums[k] + v
@@ -220,13 +304,16 @@ class Trainer:
 
         In a multi-process run every process passes its own rows of the same number of
         microbatches (`packing.pack_across_processes`); the update and metrics are global.
+        `time_compile` is the time this step spent compiling programs (tracing included), zero
+        once every shape has been seen.
         """
+        compiling = compile_seconds()
         grads, loss, sums = self.gradients(microbatches)
-        if self._apply is None:
-            self._apply = self._build_apply()
+        if self._update is None:
+            self._update = self._update_program()
         lr = float(self.schedule(self.step))
         with self.model.mesh_context():
-            params, self.opt_state, finite, grad_norm = self._apply(self.model.params, self.opt_state, grads, loss)
+            params, self.opt_state, finite, grad_norm = self._update(self.model.params, self.opt_state, grads, loss)
         self.model.params = params
         finite = bool(finite)
         if finite:
@@ -248,6 +335,7 @@ class Trainer:
             "nonfinite_total": float(self.nonfinite_total),
             "entropy": sums["entropy_sum"] / tokens,
             "trained_tokens": sums["tokens"],
+            "time_compile": compile_seconds() - compiling,
         }
         for name in ("clip_low", "clip_high"):
             if name in sums:
@@ -268,8 +356,8 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.model.params = state["params"]
-        self.opt_state = state["opt_state"]
+        self.model.params = _committed(state["params"])
+        self.opt_state = _committed(state["opt_state"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state["nonfinite_total"])
-        self._apply = None
+        self._update = None

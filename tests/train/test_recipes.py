@@ -39,7 +39,7 @@ def test_magistral_small_grpo_recipe_has_the_papers_values():
 def test_magistral_small_recipes_build_their_model_config_and_data(name, tmp_path):
     cfg = load_run_config(os.path.join(CONFIGS, name))
     model = get_preset("magistral-small-2509").replace(**flatten_model_fields(cfg.model_overrides))
-    assert (model.dtype, model.remat, model.attention) == ("bfloat16", "full", "chunked")
+    assert (model.dtype, model.remat, model.attention) == ("bfloat16", "full", "splash")
     tokenizer = load_tokenizer(write_standin_tekken(tmp_path / "tekken.json"))
     examples = make_source(cfg.data, cfg.seed, tokenizer).next(4)
     assert all(e.prompt[:2] == [tokenizer.bos_id, 17] for e in examples)  # [SYSTEM_PROMPT] first

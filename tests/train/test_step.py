@@ -1,8 +1,13 @@
-"""The train step: chunked log-probabilities, exact microbatch accumulation, sharding, SFT, guards."""
+"""The train step: chunked log-probabilities, exact microbatch accumulation, sharding, SFT, guards,
+programs compiled once."""
+
+import contextlib
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import magistral_jax as mj
@@ -102,28 +107,61 @@ def single_device_update():
     params = jax.device_get(mj.init_model(cfg, 4).params)
     items = _grpo_items(seed=5, groups=4)
     microbatches = pack(items, row_len=16, rows=8).microbatches
-    model = mj.Model(cfg, jax.device_put(params))
+    model = mj.Model(cfg, jax.device_put(params))  # uncommitted, as init_model leaves them
     trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8)
     grads = jax.device_get(trainer.gradients(microbatches)[0])
     metrics = trainer.train_step(microbatches)
-    return cfg, params, microbatches, grads, jax.device_get(model.params), metrics
+    updated = jax.device_get(model.params)
+    # A second step, its compilations logged: a trainer that left its state uncommitted compiled
+    # every program again here (the first step's outputs are committed).
+    with jax.log_compiles(), _compile_log() as log:
+        second = trainer.train_step(microbatches)
+    return cfg, params, microbatches, grads, updated, metrics, (second, log)
+
+
+@contextlib.contextmanager
+def _compile_log():
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_the_second_step_compiles_nothing(single_device_update):
+    *_, microbatches, _, _, first, (second, log) = single_device_update
+    assert len(microbatches) > 1  # gradients, accumulation and the update all ran
+    assert first["time_compile"] > 0
+    assert [m for m in log if m.startswith("Compiling")] == [] and second["time_compile"] == 0.0
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
 def test_sharded_train_step_equals_single_device(single_device_update, shape):
-    cfg, params, microbatches, want_grads, want, want_metrics = single_device_update
+    cfg, params, microbatches, want_grads, want, want_metrics, _ = single_device_update
     mesh = mj.make_mesh(data=shape[0], fsdp=shape[1], tensor=shape[2])
     placed = jax.device_put(params, P.shardings(decoder.param_specs(cfg.text), mesh, cfg.rules))
     model = mj.Model(cfg, placed, mesh)
     trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8)
-    for a, b in zip(jax.tree.leaves(trainer.gradients(microbatches)[0]), jax.tree.leaves(want_grads), strict=True):
+    grads = trainer.gradients(microbatches)[0]
+    for a, b, p in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), jax.tree.leaves(placed), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+        # Gradients come out in their parameters' shardings (the embedding table's is no exception).
+        assert a.sharding.is_equivalent_to(p.sharding, p.ndim)
     metrics = trainer.train_step(microbatches)
     # Adam divides by the gradients' own scale, so elements with near-zero gradients move by up to
     # lr on rounding noise alone; the update agrees to a small fraction of lr.
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert model.params["layers"]["w1"].sharding == placed["layers"]["w1"].sharding
+    # Adam's moments live in their parameters' shardings, not replicated on every device.
+    for moment in ("mu", "nu"):
+        state = optax.tree_utils.tree_get(trainer.opt_state, moment)
+        for m, p in zip(jax.tree.leaves(state), jax.tree.leaves(placed), strict=True):
+            assert m.sharding.is_equivalent_to(p.sharding, p.ndim), moment
     np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-5)
 

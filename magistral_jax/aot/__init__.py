@@ -1,0 +1,1 @@
+"""Ahead-of-time planning for TPU slices."""
