@@ -165,7 +165,7 @@ def load_model(
     if layout is None and is_run_dir(path):
         stored = run_model_config(os.fspath(path))
         cfg = with_dtype(stored, dtype)
-        params = load_run_params(path, stored, mesh, step)
+        params = load_run_params(path, stored, mesh, step, progress)
         if cfg.param_dtype != stored.param_dtype:
             params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
         return Model(cfg, params, mesh)

@@ -66,6 +66,7 @@ def test_streaming_text_and_speed_line(tekken_checkpoint):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--- answer ---" in out.stdout or "--- thinking ---" in out.stdout
     assert "tokens/s" in out.stderr and "prompt 5 tokens" in out.stderr
+    assert "loading" in out.stderr  # the checkpoint load's progress bar
 
 
 @pytest.mark.parametrize(

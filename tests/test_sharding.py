@@ -135,3 +135,30 @@ def test_sharded_gradients_equal_single_device(single_device_reference):
     np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_weights_a_mesh_axis_does_not_divide_are_named_once_with_their_cost(tmp_path):
+    import warnings
+
+    from magistral_jax.checkpoint.convert import save_model
+    from magistral_jax.sharding import make_mesh
+
+    # 6 query heads and 2 kv heads on tensor=4: wq and wo ([2, 64, 6, 32], 96 KiB in float32) keep
+    # fsdp's 2 shards of the 8 their rules ask (48 KiB a device instead of 12: +36 KiB each), wk
+    # and wv ([2, 64, 2, 32], 32 KiB) the same (16 KiB instead of 4: +12 KiB each).
+    cfg = mj.get_preset("tiny").replace(dtype="float32", param_dtype="float32", **{"text.n_heads": 6})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        model = mj.init_model(cfg, 0, mesh=make_mesh(fsdp=2, tensor=4))
+        mj.init_model(cfg, 1, mesh=make_mesh(fsdp=2, tensor=4))  # the same message: not repeated
+        mj.init_model(cfg, 0, mesh=make_mesh(fsdp=4, tensor=2))  # 2 divides every dimension
+    messages = [str(w.message) for w in caught if "replicated" in str(w.message)]
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert "mesh data=1 fsdp=2 tensor=4: 4 weights" in message and "96.0 KiB more per device (float32)" in message
+    for name, extra in (("wq", "36.0"), ("wk", "12.0"), ("wv", "12.0"), ("wo", "36.0")):
+        assert f"layers.{name} (2 of 8 shards, +{extra} KiB)" in message
+    # Loading a checkpoint onto such a mesh says the same.
+    save_model(model, tmp_path / "ckpt", to="hf")
+    with pytest.warns(UserWarning, match=r"4 weights .* 96.0 KiB more per device"):
+        mj.load_model(tmp_path / "ckpt", mesh=make_mesh(fsdp=2, tensor=4), dtype="float32")

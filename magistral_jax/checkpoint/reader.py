@@ -418,6 +418,7 @@ def load_params(
     """Every parameter of `cfg` from `ckpt`, in `cfg.param_dtype`, in its sharding on `mesh`;
     with `check_finite`, NaN or Inf values are refused (`refuse_nonfinite`)."""
     specs = param_specs(cfg)
+    P.warn_undivided(specs, mesh, cfg.rules, cfg.param_dtype)
     by_path: dict[tuple[str, ...], list[TensorEntry]] = {}
     for e in ckpt.entries():
         by_path.setdefault(e.path, []).append(e)

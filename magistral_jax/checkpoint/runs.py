@@ -108,27 +108,52 @@ def select_step(manager, which: str | int) -> int:
     return int(which)
 
 
-def restore_params(manager, step: int, abstract_params: Any) -> Any:
+def restore_params(manager, step: int, abstract_params: Any, progress: bool = False) -> Any:
     """Only the parameters of checkpoint `step`, laid out as `abstract_params` (ShapeDtypeStructs
-    with shardings) says; nothing else is read."""
+    with shardings) says; nothing else is read. With `progress`, one weight at a time under a
+    progress bar (in bytes)."""
     import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
 
-    item = {"params": abstract_params}
-    restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item
-    )
-    args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
-    try:
-        out = manager.restore(step, args=ocp.args.Composite(state=args))
-    except ValueError as e:
-        raise ConfigError(f"{manager.directory}/{step}: the parameters do not match the run's model ({e})") from None
-    return out["state"]["params"]
+    from magistral_jax.checkpoint.reader import set_at
+
+    def restore(params: Any) -> Any:
+        item = {"params": params}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item
+        )
+        args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(state=args))
+        except ValueError as e:
+            raise ConfigError(
+                f"{manager.directory}/{step}: the parameters do not match the run's model ({e})"
+            ) from None
+        return out["state"]["params"]
+
+    if not progress:
+        return restore(abstract_params)
+    leaves = [(tuple(k.key for k in path), x) for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
+    total = sum(x.size * x.dtype.itemsize for _, x in leaves)
+    out: dict = {}
+    with tqdm(total=total, desc=f"loading step {step}", unit="B", unit_scale=True) as bar:
+        for path, x in leaves:
+            one: dict = {}
+            set_at(one, path, x)
+            value = restore(one)
+            for part in path:
+                value = value[part]
+            set_at(out, path, value)
+            bar.update(x.size * x.dtype.itemsize)
+    return out
 
 
-def load_run_params(run_dir: str | os.PathLike[str], cfg: ModelConfig, mesh=None, step: str | int = "best") -> Any:
+def load_run_params(
+    run_dir: str | os.PathLike[str], cfg: ModelConfig, mesh=None, step: str | int = "best", progress: bool = False
+) -> Any:
     """The parameters of a run's checkpoint `step`, in the run's parameter dtype, placed by `cfg`'s
-    rules on `mesh` (on the first local device without one). `cfg` must have the run's architecture
-    (`run_model_config`); its rules decide the shardings."""
+    rules on `mesh` (on the first local device without one), under a progress bar with `progress`.
+    `cfg` must have the run's architecture (`run_model_config`); its rules decide the shardings."""
     from magistral_jax.model import param_specs
     from magistral_jax.model import params as P
 
@@ -142,6 +167,6 @@ def load_run_params(run_dir: str | os.PathLike[str], cfg: ModelConfig, mesh=None
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     manager = checkpoint_manager(run_dir)
     try:
-        return restore_params(manager, select_step(manager, step), abstract)
+        return restore_params(manager, select_step(manager, step), abstract, progress)
     finally:
         manager.close()

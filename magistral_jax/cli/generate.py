@@ -100,7 +100,7 @@ def open_for_sampling(args: argparse.Namespace):
             tokenizer_path = load_run_config(os.path.join(args.checkpoint, RUN_CONFIG)).tokenizer
             if tokenizer_path is None:
                 raise ValueError(f"{args.checkpoint}: the run names no tokenizer; pass --tokenizer FILE")
-    model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype, step=args.step)
+    model = load_model(args.checkpoint, mesh=mesh, dtype=args.dtype, step=args.step, progress=True)
     tokenizer = load_tokenizer(tokenizer_path or side_files)
     if tokenizer.vocab_size > model.cfg.text.vocab_size:
         raise ValueError(

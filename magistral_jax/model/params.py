@@ -8,6 +8,7 @@ initialisation and checkpoint name maps all derive from that one tree.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from magistral_jax.sharding import Rules, logical_sharding
+from magistral_jax.sharding import Rules, logical_sharding, logical_to_spec
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 ParamTree = dict[str, Any]
@@ -62,6 +63,55 @@ def _map(fn: Callable[[ParamSpec], Any], specs: ParamTree) -> ParamTree:
     return jax.tree.map(fn, specs, is_leaf=is_spec)
 
 
+def _shards(spec, mesh_shape: dict[str, int]) -> int:
+    axes = [a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)]
+    return math.prod(mesh_shape[a] for a in axes)
+
+
+def undivided(specs: ParamTree, mesh: Mesh, rules: Rules) -> list[tuple[str, int, int]]:
+    """The weights that a mesh axis their rules name does not divide (6 query heads on `tensor=4`),
+    which are therefore replicated over that axis: (dotted name, shards wanted, shards kept)."""
+    mesh_shape = dict(mesh.shape)
+    out = []
+    for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]:
+        wanted = _shards(logical_to_spec(s.axes, rules, None, mesh_shape), mesh_shape)
+        kept = _shards(logical_to_spec(s.axes, rules, s.shape, mesh_shape), mesh_shape)
+        if kept < wanted:
+            out.append((".".join(str(k.key) for k in path), wanted, kept))
+    return out
+
+
+def warn_undivided(specs: ParamTree, mesh: Mesh | None, rules: Rules, dtype: Any) -> None:
+    """Warns (once per mesh and set of weights) when some weights cannot be split as their rules
+    ask, naming them and the memory per device their replication costs."""
+    if mesh is None:
+        return
+    found = undivided(specs, mesh, rules)
+    if not found:
+        return
+    size = {
+        ".".join(str(k.key) for k in path): math.prod(s.shape) * jnp.dtype(dtype).itemsize
+        for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+    }
+    extra = {name: size[name] / kept - size[name] / wanted for name, wanted, kept in found}
+    mesh_text = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    names = ", ".join(f"{name} ({kept} of {wanted} shards, +{_size(extra[name])})" for name, wanted, kept in found)
+    warnings.warn(
+        f"mesh {mesh_text}: {len(found)} weights have a dimension their mesh axes do not divide and "
+        f"are replicated over those axes instead, {_size(sum(extra.values()))} more per device "
+        f"({jnp.dtype(dtype).name}): {names}. Choose mesh sizes that divide the heads, the MLP width and "
+        "the vocabulary, or rules that do not shard those dimensions.",
+        stacklevel=3,
+    )
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def shardings(specs: ParamTree, mesh: Mesh, rules: Rules) -> ParamTree:
     """The tree of NamedShardings of the parameters on `mesh`."""
     return _map(lambda s: logical_sharding(mesh, s.axes, rules, s.shape), specs)
@@ -72,6 +122,7 @@ def abstract(specs: ParamTree, dtype: Any, mesh: Mesh | None = None, rules: Rule
     if mesh is None:
         return _map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), specs)
     assert rules is not None
+    warn_undivided(specs, mesh, rules, dtype)
     return _map(
         lambda s: jax.ShapeDtypeStruct(
             s.shape, jnp.dtype(dtype), sharding=logical_sharding(mesh, s.axes, rules, s.shape)
@@ -101,5 +152,6 @@ def init(
     out_shardings = None
     if mesh is not None:
         assert rules is not None
+        warn_undivided(specs, mesh, rules, dtype)
         out_shardings = shardings(specs, mesh, rules)
     return jax.jit(make, out_shardings=out_shardings)(key)

@@ -196,7 +196,7 @@ def run(
             from magistral_jax.train.async_grpo import split_devices
 
             devices = split_devices(cfg.async_rl.generator_devices, cfg.async_rl.trainer_devices)
-        trainer = build_trainer(cfg, model, devices[1] if devices else None)
+        trainer = build_trainer(cfg, model, devices[1] if devices else None, progress and is_primary())
         source = source if source is not None else make_source(cfg.data, cfg.seed, tokenizer)
         batch = cfg.grpo.prompts_per_step if cfg.kind == "grpo" else cfg.sft.batch_size
         count = jax.process_count()

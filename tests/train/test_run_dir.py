@@ -4,7 +4,9 @@ checkpoints are kept and chosen."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from magistral_jax.config import ConfigError, get_preset
@@ -106,3 +108,23 @@ def test_the_best_evaluated_checkpoint_is_kept_and_chosen(tmp_path):
         plain.save(step, {"params": {"w": jnp.zeros(2)}}, {"step": step})
     assert plain.select("best") == 2
     plain.close()
+
+
+def test_parameters_restore_weight_by_weight_under_a_progress_bar(tmp_path, capsys):
+    from magistral_jax.checkpoint.runs import checkpoint_manager, restore_params
+
+    checkpoints = Checkpoints(str(tmp_path), keep=1)
+    params = {"a": {"w": jnp.arange(6.0).reshape(2, 3) + 0.1}, "b": jnp.full((4,), 1.1)}
+    checkpoints.save(1, {"params": params, "opt_state": {"m": jnp.ones(3)}}, {"step": 1})
+    checkpoints.close()
+    manager = checkpoint_manager(str(tmp_path))  # as a reader opens it
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+    for progress in (False, True):
+        got = restore_params(manager, 1, abstract, progress=progress)
+        assert jax.tree.structure(got) == jax.tree.structure(params)
+        for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+    manager.close()
+    err = capsys.readouterr().err  # 6 + 4 float32 values
+    assert "loading step 1" in err and "40.0/40.0" in err, err
