@@ -157,12 +157,7 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "group-centred advantages sum to 0 in every group: their minibatch mean is 0, added or subtracted",
     (
         "rl/losses.py",
-        "return (rewards - mean) / (std + EPS), 1.0 / (size * lengths * n_groups(groups))",
-        "core/ReplaceBinaryOperator_Add_Sub",
-    ): "std +- 1e-8: equal unless the std is 0, when r - mean is 0 either way",
-    (
-        "rl/losses.py",
-        "return (rewards - mean) / (std + EPS), 1.0 / (_group_lengths(lengths, groups) * n_groups(groups))",
+        "return (rewards - mean) / (std + EPS)",
         "core/ReplaceBinaryOperator_Add_Sub",
     ): "std +- 1e-8: equal unless the std is 0, when r - mean is 0 either way",
     (
@@ -179,7 +174,7 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "a ratio exactly at 1 - eps_low (the clipped and unclipped terms agree there) counted as clipped or not",
     (
         "train/step.py",
-        "_shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)",
+        "shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)",
         "core/NumberReplacer",
     ): "how many optimizers the cache keeps: a speed, not a result",
     (
