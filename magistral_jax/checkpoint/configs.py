@@ -122,6 +122,22 @@ def _hf_text(d: dict[str, Any], where: str) -> TextConfig:
     )
 
 
+def _tower(d: dict[str, Any], where: str, image_key: str) -> dict[str, Any]:
+    """The vision tower's sizes, named alike in HF's `vision_config` and Mistral's `vision_encoder`."""
+    hidden = _get_positive(d, "hidden_size", where)
+    heads = _get_positive(d, "num_attention_heads", where)
+    return {
+        "hidden_size": hidden,
+        "n_layers": _get(d, "num_hidden_layers", where, kind=int),
+        "n_heads": heads,
+        "head_dim": _get(d, "head_dim", where, hidden // heads, kind=int),
+        "intermediate_size": _get(d, "intermediate_size", where, kind=int),
+        "patch_size": _get(d, "patch_size", where, kind=int),
+        "image_size": _get(d, image_key, where, kind=int),
+        "num_channels": _get(d, "num_channels", where, 3, kind=int),
+    }
+
+
 def _hf_vision(top: dict[str, Any], d: dict[str, Any], text_eps: float) -> VisionConfig:
     where = "vision_config."
     act = d.get("hidden_act", "gelu")
@@ -137,17 +153,8 @@ def _hf_vision(top: dict[str, Any], d: dict[str, Any], text_eps: float) -> Visio
     layer = top.get("vision_feature_layer", -1)
     if layer != -1:
         raise ConfigError(f"vision_feature_layer: {short_repr(layer)}; only -1 (the last layer) is supported")
-    hidden = _get_positive(d, "hidden_size", where)
-    heads = _get_positive(d, "num_attention_heads", where)
     return VisionConfig(
-        hidden_size=hidden,
-        n_layers=_get(d, "num_hidden_layers", where, kind=int),
-        n_heads=heads,
-        head_dim=_get(d, "head_dim", where, hidden // heads, kind=int),
-        intermediate_size=_get(d, "intermediate_size", where, kind=int),
-        patch_size=_get(d, "patch_size", where, kind=int),
-        image_size=_get(d, "image_size", where, kind=int),
-        num_channels=_get(d, "num_channels", where, 3, kind=int),
+        **_tower(d, where, "image_size"),
         rope_theta=_rope_theta(d, where, "axial", default=1e4),
         # HF's projector norm uses the text eps; the tower's own norms hard-code 1e-5.
         norm_eps=text_eps,
@@ -224,18 +231,9 @@ def from_mistral_params(d: dict[str, Any], name: str = "mistral") -> ModelConfig
             raise ConfigError(f"{where}add_pre_mm_projector_layer_norm: false is not supported")
         if v.get("adapter_bias", False):
             raise ConfigError(f"{where}adapter_bias: true; the projector of Mistral Small has no biases")
-        hidden = _get_positive(v, "hidden_size", where)
-        heads = _get_positive(v, "num_attention_heads", where)
         image_key = "max_image_size" if v.get("max_image_size") else "image_size"
         vision = VisionConfig(
-            hidden_size=hidden,
-            n_layers=_get(v, "num_hidden_layers", where, kind=int),
-            n_heads=heads,
-            head_dim=_get(v, "head_dim", where, hidden // heads, kind=int),
-            intermediate_size=_get(v, "intermediate_size", where, kind=int),
-            patch_size=_get(v, "patch_size", where, kind=int),
-            image_size=_get(v, image_key, where, kind=int),
-            num_channels=_get(v, "num_channels", where, 3, kind=int),
+            **_tower(v, where, image_key),
             rope_theta=_get(v, "rope_theta", where, 1e4, kind=float),
             spatial_merge_size=_get(v, "spatial_merge_size", where, 2, kind=int),
             image_token_id=_get(v, "image_token_id", where, 10, kind=int),
