@@ -30,6 +30,9 @@ def test_magistral_small_grpo_recipe_has_the_papers_values():
     assert g.eps_high == 0.3 and g.temperature == 1.0
     assert g.group_size * g.prompts_per_step == 2048 and g.minibatches == 1
     assert g.filter_metric == "correct"
+    # Generation on its own chips, as the paper's asynchronous generators; a microbatch row per trainer chip.
+    a = cfg.async_rl
+    assert a.enabled and cfg.microbatch_tokens == 32 * (a.max_prompt_len + g.max_new_tokens)
     assert r["name"] == "magistral" and r["l_max"] - r["l_cache"] == 32 * 1024
     get_reward(r["name"])
     assert cfg.init_from == load_run_config(os.path.join(CONFIGS, "sft-magistral-small.yaml")).run_dir
