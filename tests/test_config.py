@@ -351,6 +351,17 @@ def test_bad_overrides_name_the_key_and_the_type(override, message):
         load_run_config(GRPO_TINY, [override])
 
 
+def test_async_slots_are_bounded_only_where_generation_is_asynchronous():
+    from magistral_jax.train.config import load_run_config
+
+    # grpo-tiny: 8 prompts x 8 samples a step, max_async_ratio 2: at most 128 sequences in flight.
+    with pytest.raises(ConfigError, match=r"async_rl\.slots: 129 sequences in flight exceed .* 2\.0 x 64"):
+        load_run_config(GRPO_TINY, ["async_rl.enabled=true", "async_rl.slots=129"])
+    assert load_run_config(GRPO_TINY, ["async_rl.enabled=true", "async_rl.slots=128"]).async_rl.slots == 128
+    # A synchronous run of an asynchronous recipe leaves its generator settings unused.
+    assert load_run_config(GRPO_TINY, ["async_rl.enabled=false", "async_rl.slots=129"]).async_rl.slots == 129
+
+
 def test_model_overrides_are_typed_the_same_way():
     cfg = apply_overrides(
         mj.get_preset("tiny"), ["text.rope_theta=1e6", "rules=[[vocab, tensor], [embed, [fsdp, data]]]"]

@@ -195,7 +195,7 @@ class RunConfig:
         if g.minibatches > g.prompts_per_step:
             raise ConfigError(f"grpo.minibatches: {g.minibatches} minibatches of {g.prompts_per_step} prompts")
         n_batch = g.prompts_per_step * g.group_size
-        if self.async_rl.slots > self.async_rl.max_async_ratio * n_batch:
+        if self.async_rl.enabled and self.async_rl.slots > self.async_rl.max_async_ratio * n_batch:
             raise ConfigError(
                 f"async_rl.slots: {self.async_rl.slots} sequences in flight exceed max_async_ratio x n_batch = "
                 f"{self.async_rl.max_async_ratio} x {n_batch}"
