@@ -296,7 +296,10 @@ def _tiny(argv: list[str]) -> list[str]:
 def _run_command(argv: list[str]) -> None:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(_tiny(argv[1:]))
+        try:
+            code = main(_tiny(argv[1:]))
+        except SystemExit as e:  # argparse refusing the command line
+            code = e.code
     assert code == 0, f"{shlex.join(argv)} exited {code}: {err.getvalue()[-3000:]}"
 
 
