@@ -5,6 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+from typing import NamedTuple
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
 
 def run_cli(*args, timeout=300):
@@ -34,3 +37,32 @@ def no_hang(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class Block(NamedTuple):
+    """A fenced code block of the README: the heading it stands under, its language, its text."""
+
+    section: str
+    language: str
+    text: str
+
+
+def readme_blocks(language: str | None = None, section: str | None = None) -> list[Block]:
+    """The README's fenced code blocks in order; only those of `language` (`bash`, `python`, ...)
+    and only those directly under the heading `section` (a whole heading line, e.g.
+    `### Converting`) when given. A `#` line inside a block is a shell comment, not a heading."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    blocks, heading, fence = [], "", None
+    for line in lines:
+        if fence is None and line.startswith("```"):
+            fence = (line[3:].strip(), [])
+        elif fence is not None and line.startswith("```"):
+            blocks.append(Block(heading, fence[0], "".join(fence[1])))
+            fence = None
+        elif fence is not None:
+            fence[1].append(line)
+        elif line.startswith("#"):
+            heading = line.strip()
+    assert fence is None, "README.md: a code block is not closed"
+    return [b for b in blocks if language in (None, b.language) and section in (None, b.section)]

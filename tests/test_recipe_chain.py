@@ -22,34 +22,18 @@ import shlex
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, readme_blocks
 
 import magistral_jax as mj
 from magistral_jax.cli import main
 from magistral_jax.tokenizer import load_tokenizer
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 SECTION = "### The Magistral recipe, end to end"
-
-
-def _blocks(language: str) -> list[str]:
-    """The fenced `language` blocks of the README's recipe section."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text[text.index(SECTION) + len(SECTION) :]
-    section = section[: min(i for i in (section.find("\n## "), section.find("\n### ")) if i >= 0)]
-    fence = f"```{language}\n"
-    blocks = []
-    while fence in section:
-        start = section.index(fence) + len(fence)
-        end = section.index("```", start)
-        blocks.append(section[start:end])
-        section = section[end + 3 :]
-    return blocks
 
 
 def _commands() -> list[list[str]]:
     """The tiny chain's command lines (the first bash block), with `configs/` made absolute."""
-    lines = _blocks("bash")[0].replace("\\\n", " ").splitlines()
+    lines = readme_blocks("bash", SECTION)[0].text.replace("\\\n", " ").splitlines()
     commands = []
     for line in lines:
         argv = shlex.split(line, comments=True)
@@ -82,7 +66,7 @@ def chain(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        (snippet,) = _blocks("python")
+        ((_, _, snippet),) = readme_blocks("python", SECTION)
         exec(compile(snippet, "README.md", "exec"), {})
         printed = io.StringIO()
         for argv in _commands():
