@@ -66,3 +66,18 @@ def readme_blocks(language: str | None = None, section: str | None = None) -> li
             heading = line.strip()
     assert fence is None, "README.md: a code block is not closed"
     return [b for b in blocks if language in (None, b.language) and section in (None, b.section)]
+
+
+# The published schemas of the paper's benchmarks, as tests write them.
+GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+               "Incorrect Answer 3", "Explanation", "Record ID", "High-level domain"]  # fmt: skip
+
+
+def lcb_compressed(tests) -> str:
+    """LiveCodeBench's private tests as published: base64 of zlib of a pickled JSON string."""
+    import base64
+    import json
+    import pickle
+    import zlib
+
+    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests)))).decode()

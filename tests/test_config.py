@@ -394,11 +394,13 @@ def _readme_override_examples() -> list[tuple[str, str | None, list[str]]]:
     import re
     import shlex
 
-    root = os.path.join(CONFIGS, os.pardir)
+    from helpers import ROOT, readme_blocks
+
+    root = ROOT
     readme = open(os.path.join(root, "README.md")).read()
     examples = []
-    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
-        for command in block.replace("\\\n", " ").splitlines():
+    for block in readme_blocks("bash"):
+        for command in block.text.replace("\\\n", " ").splitlines():
             words = shlex.split(command, comments=True)
             if words[:2] != ["magistral-jax", "train"]:
                 continue

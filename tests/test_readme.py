@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, readme_blocks
+from helpers import GPQA_HEADER, ROOT, lcb_compressed, readme_blocks
 
 from magistral_jax.cli import build_parser, main
 
@@ -158,8 +158,6 @@ GSM8K = [
      "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
                "$<<0.2*50=10>>10.\n#### 10"},
 ]  # fmt: skip
-GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-               "Incorrect Answer 3", "Explanation", "Record ID", "High-level domain"]  # fmt: skip
 LCB_TESTS = [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}, {"input": "5 -4\n", "output": "1\n",
                                                                          "testtype": "stdin"}]  # fmt: skip
 RUN_YAML = """\
@@ -206,15 +204,6 @@ def _jsonl(path, rows):
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def _compressed(tests) -> str:
-    """LiveCodeBench's private tests: base64 of zlib of a pickled JSON string."""
-    import base64
-    import pickle
-    import zlib
-
-    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests)))).decode()
-
-
 def _stand_ins(work):
     import hf_reference as R
 
@@ -251,7 +240,7 @@ def _stand_ins(work):
     lcb = {"question_title": "Sum", "question_content": "Read a and b; print a + b.", "platform": "atcoder",
            "question_id": "abc001_a", "contest_id": "abc001", "contest_date": "2024-08-03T00:00:00",
            "starter_code": "", "difficulty": "easy", "public_test_cases": json.dumps(LCB_TESTS[:1]),
-           "private_test_cases": _compressed(LCB_TESTS[1:]), "metadata": "{}"}  # fmt: skip
+           "private_test_cases": lcb_compressed(LCB_TESTS[1:]), "metadata": "{}"}  # fmt: skip
     _jsonl(work / "livecodebench_v5.jsonl", [lcb])
     (work / "run.yaml").write_text(RUN_YAML)
     (work / "my_pkg").mkdir()

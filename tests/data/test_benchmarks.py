@@ -1,15 +1,13 @@
 """The paper's benchmarks read from a few rows in each published schema, and LiveCodeBench graded
 through the training reward's sandbox (stdin programs and LeetCode-style method calls)."""
 
-import base64
 import csv
 import json
-import pickle
-import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import GPQA_HEADER, lcb_compressed
 
 from magistral_jax.data.benchmarks import GPQA_INSTRUCTION, read_benchmark
 from magistral_jax.data.sources import problem_fields
@@ -44,10 +42,6 @@ def test_aime_in_the_common_schemas(tmp_path):
     assert (p.id, p.answer) == ("oc.jsonl line 1", "70")
     bad = read_benchmark("aime25", jsonl(tmp_path / "bad.jsonl", [*oc, {"question": "no answer"}]))
     assert bad.skipped == 1 and "no answer column (answer / Answer)" in bad.reasons[0]
-
-
-GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-               "Incorrect Answer 3", "Explanation", "Record ID", "High-level domain"]  # fmt: skip
 
 
 def gpqa_row(i):
@@ -93,10 +87,6 @@ def test_gpqa_options_are_shuffled_with_a_seed_fixed_per_question(tmp_path):
     assert not math_correct(f"\\boxed{{{'A' if letters[0] != 'A' else 'B'}}}", letters[0])
 
 
-def compress(tests) -> str:
-    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests)))).decode()
-
-
 STDIN = [
     {"input": "1 2\n", "output": "3\n", "testtype": "stdin"},
     {"input": "10 -4\n", "output": "6\n", "testtype": "stdin"},
@@ -107,12 +97,12 @@ CALLS = [{"input": "[2,7,11,15]\n9", "output": "[0,1]", "testtype": "functional"
 LCB = [
     {"question_title": "Sum", "question_content": "Read a and b; print a + b.", "platform": "atcoder",
      "question_id": "abc001_a", "contest_id": "abc001", "contest_date": "2024-08-03T00:00:00", "starter_code": "",
-     "difficulty": "easy", "public_test_cases": json.dumps(STDIN[:1]), "private_test_cases": compress(STDIN[1:]),
+     "difficulty": "easy", "public_test_cases": json.dumps(STDIN[:1]), "private_test_cases": lcb_compressed(STDIN[1:]),
      "metadata": "{}"},
     {"question_title": "Two Sum", "question_content": "Return the indices of the two numbers adding up to target.",
      "platform": "leetcode", "question_id": "1", "contest_id": "weekly-1", "contest_date": "2024-09-01T00:00:00",
      "starter_code": "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n        ",
-     "difficulty": "easy", "public_test_cases": json.dumps(CALLS[:1]), "private_test_cases": compress(CALLS[1:]),
+     "difficulty": "easy", "public_test_cases": json.dumps(CALLS[:1]), "private_test_cases": lcb_compressed(CALLS[1:]),
      "metadata": json.dumps({"func_name": "twoSum"})},
 ]  # fmt: skip
 SUM = "[THINK]Read and add.[/THINK]\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
