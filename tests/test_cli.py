@@ -94,9 +94,9 @@ def test_generate_from_another_directory_is_quiet_and_compiles_once(tekken_check
         assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
         assert not [line for line in runs[-1].stderr.splitlines() if any(n in line for n in LIBTPU_NOISE)]
     cached = os.listdir(tmp_path / "xdg" / "magistral-jax" / "jax")
-    assert {"jit__prefill", "jit__decode"} <= {name.split("-")[0] for name in cached}, cached
-    assert "Persistent compilation cache hit for 'jit__prefill'" not in runs[0].stderr
-    for program in ("jit__prefill", "jit__decode"):
+    assert {"jit_prefill", "jit_decode"} <= {name.split("-")[0] for name in cached}, cached
+    assert "Persistent compilation cache hit for 'jit_prefill'" not in runs[0].stderr
+    for program in ("jit_prefill", "jit_decode"):
         assert f"Persistent compilation cache hit for '{program}'" in runs[1].stderr
     assert json.loads(runs[0].stdout) == json.loads(runs[1].stdout)
 

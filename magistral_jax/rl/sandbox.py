@@ -182,6 +182,14 @@ class Sandbox:
         self.uid = 100_000 + secrets.randbelow(1_000_000_000) if setuid else os.getuid()
         self._ran = False
         self._dead: str | None = None
+        layout = _layout([self.python, *tools])
+        # The root is built over /tmp and every run gets a /tmp of its own: nothing under it can be shown.
+        under_tmp = [b for b in layout["binds"] if _inside(b, "/tmp")]
+        if under_tmp and self.mode != "unconfined":
+            raise SandboxError(
+                f"sandbox: {under_tmp[0]} is under /tmp, which the sandbox replaces with its own; install "
+                "the tools it runs (and the Python, MAGISTRAL_SANDBOX_PYTHON) outside /tmp"
+            )
         self._ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._log = _memfd("sandbox-launcher")
         try:
@@ -198,7 +206,7 @@ class Sandbox:
         finally:
             theirs.close()
         setup = {"op": "setup", "mode": self.mode, "uid": self.uid, "setuid": setuid, "box_bytes": BOX_BYTES}
-        setup.update(_layout([self.python, *tools]))
+        setup.update(layout)
         self._ctl.send(json.dumps(setup).encode())
         reply = self._receive(SETUP_TIMEOUT)
         if reply is None or "error" in reply:

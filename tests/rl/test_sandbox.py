@@ -25,7 +25,7 @@ import magistral_jax
 from magistral_jax.rl import magistral_rewards
 from magistral_jax.rl.magistral_rewards import code_correct, magistral
 from magistral_jax.rl.pool import RewardPool
-from magistral_jax.rl.sandbox import Limits, Sandbox, sandbox_mode
+from magistral_jax.rl.sandbox import Limits, Sandbox, SandboxError, sandbox_mode
 
 # As root the sandbox's uid is one of its own, so "nothing left" can be checked by uid; the
 # unprivileged mode is tested from root too, as `nobody`.
@@ -542,11 +542,29 @@ def test_the_output_kept_is_bounded():
 def test_the_package_is_masked_where_a_bound_directory_holds_it():
     # A tool installed in the project tree shows that tree (as /usr shows a package installed
     # there); the package inside it, with its bundled problem sets, stays hidden.
+    if os.path.realpath(ROOT).startswith("/tmp/"):
+        pytest.skip(
+            "a checkout under /tmp: its tools are refused (see test_a_tool_installed_under_tmp_is_refused_by_name)"
+        )
     package = os.path.dirname(magistral_jax.__file__)
     with Sandbox(tools=[os.path.join(ROOT, "tools", "make_datasets.py")]) as box:
         box.write("main.py", f"import os\nprint('pyproject.toml' in os.listdir({ROOT!r}), os.listdir({package!r}))\n")
         result = box.run([box.python, "-I", box.path("main.py")])
     assert (result.ok, result.stdout) == (True, "True []\n"), result.reason
+
+
+def test_a_tool_installed_under_tmp_is_refused_by_name(tmp_path):
+    # Every run gets a /tmp of its own (the root itself is built over /tmp): a tool installed under
+    # /tmp (a project or virtual environment there, as pytest's tmp_path is) could not be shown.
+    # Said before anything starts, naming it, rather than a failed mount or a program not found.
+    tool = tmp_path / "prefix" / "bin" / "tool"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("echo tool\n")
+    with pytest.raises(SandboxError, match=rf"sandbox: {tmp_path / 'prefix'} is under /tmp"):
+        Sandbox(tools=[str(tool)])
+    with Sandbox() as box:  # and the sandbox is still available
+        box.write("main.py", SOLVE)
+        assert box.run([box.python, "-I", box.path("main.py")], "4 5\n").stdout == "9\n"
 
 
 def test_files_are_written_before_any_program_runs():
