@@ -147,14 +147,19 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "without `test_seed` any constant draws the same subset for every completion, the property promised",
     (
         "rl/losses.py",
-        "adv = (adv - adv.mean()) / (adv.std() + EPS)",
+        "return (adv - adv.mean()) / (adv.std() + EPS)",
         "core/ReplaceBinaryOperator_Add_Sub",
     ): "std +- 1e-8: equal unless the std is 0, when every advantage is 0 either way",
     (
         "rl/losses.py",
-        "adv = (adv - adv.mean()) / (adv.std() + EPS)",
+        "return (adv - adv.mean()) / (adv.std() + EPS)",
         "core/ReplaceBinaryOperator_Sub_Add",
     ): "group-centred advantages sum to 0 in every group: their minibatch mean is 0, added or subtracted",
+    (
+        "rl/losses.py",
+        "var = np.where(constant, 0.0, np.bincount(inverse, (rewards - means[inverse]) ** 2) / counts)",
+        "core/NumberReplacer",
+    ): "a constant group's mean is its reward exactly, so r - mean is 0 whatever std divides it",
     (
         "rl/losses.py",
         "return (rewards - mean) / (std + EPS)",
