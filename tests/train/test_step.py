@@ -177,8 +177,18 @@ def test_non_finite_updates_are_skipped_and_counted():
     assert metrics["skipped_nonfinite"] == 1.0 and metrics["nonfinite_total"] == 1.0 and trainer.step == 0
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(a, b)
+    # A finite update in between starts the count again: one more is tolerated, a second is not.
+    assert trainer.train_step(pack(_grpo_items(seed=6), row_len=16, rows=16).microbatches)["skipped_nonfinite"] == 0
+    assert trainer.train_step(microbatches)["nonfinite_total"] == 2.0
     with pytest.raises(TrainingError, match="2 non-finite updates in a row"):
         trainer.train_step(microbatches)
+
+
+@pytest.mark.parametrize("field", ["lr", "grad_clip"])
+@pytest.mark.parametrize("value", [0.0, -1e-6, float("nan")])
+def test_optimizer_settings_must_be_positive(field, value):
+    with pytest.raises(ValueError, match=rf"optimizer\.{field}: a positive number is expected"):
+        OptimizerConfig(**{field: value})
 
 
 def test_schedule_warmup_and_cosine():
