@@ -39,13 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["orbax", "mistral", "hf-legacy", "hf-new", "hf-text"],
         help="force the source's format or layout instead of detecting it",
     )
-    p.add_argument("--dtype", choices=["bf16", "fp32", "bfloat16", "float32"], help="cast the weights")
-    p.add_argument(
-        "--mesh",
-        default="",
-        help="devices that assemble each tensor for --to orbax, e.g. fsdp=8 (its shards become the stored "
+    add_output_options(
+        p,
+        mesh_help="devices that assemble each tensor for --to orbax, e.g. fsdp=8 (its shards become the stored "
         "chunks); default: all devices on fsdp",
     )
+    p.set_defaults(run=run)
+
+
+def add_output_options(p: argparse.ArgumentParser, mesh_help: str) -> None:
+    """The options of a command that writes a checkpoint (`convert`, `export`)."""
+    p.add_argument("--dtype", choices=["bf16", "fp32", "bfloat16", "float32"], help="cast the weights")
+    p.add_argument("--mesh", default="", help=mesh_help)
     p.add_argument(
         "--max-shard-size",
         type=parse_size,
@@ -53,7 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="size limit of each safetensors file for --to hf (default 5GB)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

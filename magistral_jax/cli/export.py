@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from magistral_jax.cli.convert import parse_size
+from magistral_jax.cli.convert import add_output_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,19 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="best",
         help="best (the best evaluated checkpoint, else the latest), latest, or a step number (default best)",
     )
-    p.add_argument("--dtype", choices=["bf16", "fp32", "bfloat16", "float32"], help="cast the weights")
-    p.add_argument(
-        "--mesh",
-        default="",
-        help="devices that hold the parameters while they are written, e.g. fsdp=8 (default: all devices on fsdp)",
+    add_output_options(
+        p,
+        mesh_help="devices that hold the parameters while they are written, e.g. fsdp=8 (default: all devices on fsdp)",
     )
-    p.add_argument(
-        "--max-shard-size",
-        type=parse_size,
-        default="5GB",
-        help="size limit of each safetensors file for --to hf (default 5GB)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -56,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not is_run_dir(args.run_dir):
         raise ConfigError(f"{args.run_dir}: not a training run directory (config.yaml and checkpoints/ expected)")
-    model = load_model(args.run_dir, mesh=make_mesh(**parse_mesh(args.mesh)), dtype=None, step=args.step)
+    mesh = make_mesh(**parse_mesh(args.mesh))
+    model = load_model(args.run_dir, mesh=mesh, dtype=None, step=args.step, progress=not args.quiet)
     files = os.path.join(args.run_dir, FILES)
     save_model(
         model,
