@@ -11,11 +11,20 @@ import optax
 import pytest
 
 import magistral_jax as mj
+from magistral_jax.compile_clock import compile_seconds
 from magistral_jax.model import decoder
 from magistral_jax.model import params as P
 from magistral_jax.rl.losses import get_variant
+from magistral_jax.train import step
 from magistral_jax.train.packing import Item, pack
-from magistral_jax.train.step import Objective, OptimizerConfig, Trainer, TrainingError, make_optimizer
+from magistral_jax.train.step import (
+    Objective,
+    OptimizerConfig,
+    Trainer,
+    TrainingError,
+    guarded_update,
+    make_optimizer,
+)
 
 
 def _cfg(**changes):
@@ -209,3 +218,100 @@ def test_each_finite_update_advances_the_schedule_by_one_step():
     # Linear warm-up to 1e-3 over 4 updates, the first already non-zero: 1/5, 2/5, 3/5 of it.
     np.testing.assert_allclose(lrs, [2e-4, 4e-4, 6e-4], rtol=1e-6)
     assert trainer.step == 3
+
+
+def test_an_update_with_a_finite_loss_but_a_non_finite_gradient_is_skipped():
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])}
+    tx = optax.sgd(0.5)
+    state = tx.init(params)
+    finite_grads = {"a": jnp.array([0.25, -0.5]), "b": jnp.array([1.0])}
+    # Hand-worked: SGD at 0.5 moves each parameter by half its gradient.
+    out, _, finite, norm = guarded_update(tx, params, state, finite_grads, jnp.float32(0.7))
+    assert bool(finite)
+    np.testing.assert_allclose(out["a"], [0.875, 2.25])
+    np.testing.assert_allclose(out["b"], [2.5])
+    np.testing.assert_allclose(norm, np.sqrt(0.25**2 + 0.5**2 + 1.0))
+    for grads, loss in (
+        ({"a": jnp.array([0.25, jnp.nan]), "b": jnp.array([1.0])}, jnp.float32(0.7)),
+        ({"a": jnp.array([0.25, -0.5]), "b": jnp.array([jnp.inf])}, jnp.float32(0.7)),
+        (finite_grads, jnp.float32(jnp.nan)),
+    ):
+        out, _, finite, _ = guarded_update(tx, params, state, grads, loss)
+        assert not bool(finite)
+        for name in params:
+            np.testing.assert_array_equal(out[name], params[name])
+
+
+def test_default_optimizer_is_adamw_with_dapos_clipping_and_no_warmup():
+    """The defaults against AdamW written out (Loshchilov & Hutter, with Adam's bias correction)
+    after clipping the global gradient norm to DAPO's 1.0: a first gradient of norm 5 is clipped,
+    a second of norm 0.3 is not, and the first update already runs at the full learning rate."""
+    cfg = OptimizerConfig()
+    assert (cfg.lr, cfg.grad_clip) == (1e-6, 1.0)  # DAPO's script values (reference/magistral-rl-recipe.md)
+    tx, schedule = make_optimizer(cfg, total_steps=10)
+    assert float(schedule(0)) == pytest.approx(cfg.lr)
+    rng = np.random.default_rng(0)
+    p = {"w": (rng.normal(size=(3, 4)) * 0.01).astype(np.float32), "b": (rng.normal(size=4) * 0.01).astype(np.float32)}
+    grads = []
+    for norm in (5.0, 0.3):
+        g = {k: rng.normal(size=v.shape) for k, v in p.items()}
+        scale = norm / np.sqrt(sum((x**2).sum() for x in g.values()))
+        grads.append({k: (x * scale).astype(np.float32) for k, x in g.items()})
+    params, state = jax.tree.map(jnp.asarray, p), tx.init(p)
+    want = {k: v.astype(np.float64) for k, v in p.items()}
+    m = {k: np.zeros_like(v) for k, v in want.items()}
+    v = {k: np.zeros_like(x) for k, x in want.items()}
+    for t, g in enumerate(grads, start=1):
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g.values()))
+        clip = min(1.0, 1.0 / norm)
+        for k in want:
+            gk = g[k] * clip
+            m[k] = 0.9 * m[k] + 0.1 * gk
+            v[k] = 0.95 * v[k] + 0.05 * gk**2
+            step = (m[k] / (1 - 0.9**t)) / (np.sqrt(v[k] / (1 - 0.95**t)) + 1e-8)
+            want[k] = want[k] - 1e-6 * step
+        for k in want:
+            np.testing.assert_allclose(np.asarray(params[k]) - p[k], want[k] - p[k], rtol=2e-3, atol=1e-12)
+
+
+def test_the_entropy_of_a_single_trained_token_is_its_own():
+    cfg = _cfg()
+    model = mj.init_model(cfg, 9)
+    prompt, answer = [5, 17, 33, 2], [71]
+    logits = np.asarray(model.logits(np.array([prompt + answer])), np.float64)[0, len(prompt) - 1]
+    logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(kind="sft"), total_steps=1, chunk=8)
+    metrics = trainer.train_step(pack([Item(prompt + answer, len(prompt), 1.0)], row_len=8, rows=1).microbatches)
+    assert metrics["trained_tokens"] == 1.0
+    np.testing.assert_allclose(metrics["entropy"], -(np.exp(logp) * logp).sum(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], -logp[71], rtol=1e-5)
+
+
+def test_a_steps_compile_time_is_what_the_compile_clock_advanced_during_it():
+    model = mj.init_model(_cfg(), 10)
+    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(), total_steps=3, chunk=8)
+    microbatches = pack(_grpo_items(seed=10), row_len=16, rows=16).microbatches
+    for _ in range(2):
+        before = compile_seconds()
+        reported = trainer.train_step(microbatches)["time_compile"]
+        assert 0.0 <= reported <= compile_seconds() - before
+    assert before > 0  # the clock had run before the step: a sum instead of a difference shows
+
+
+def test_a_multi_process_trainer_places_rows_on_its_models_mesh(monkeypatch):
+    placed = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(step, "local_batch_to_global", lambda x, mesh, rules: placed.append((x, mesh, rules)))
+    rows = np.arange(6).reshape(2, 3)
+    mesh = mj.make_mesh(data=1, fsdp=1, tensor=1)
+    for model, error in ((mj.Model(_cfg(), {}, mesh), None), (mj.Model(_cfg(), {}), "needs a model on a mesh")):
+        trainer = Trainer.__new__(Trainer)
+        trainer.model = model
+        if error:
+            with pytest.raises(ValueError, match=error):
+                trainer.place(rows)
+        else:
+            trainer.place(rows)
+    assert len(placed) == 1 and placed[0][0] is rows and placed[0][1] is mesh and placed[0][2] == _cfg().rules
