@@ -108,19 +108,21 @@ def sample_and_score(
     reward: dict[str, Any] | None = None,
     workers: int = 0,
     progress: bool = True,
+    cache: dict[str, Any] | None = None,
 ) -> list[Sample]:
     """`k` completions of every problem (in batches of `batch_problems` prompts) scored by the
-    Magistral reward with `reward` settings (`style`, `l_max`, `l_cache`, ...)."""
+    Magistral reward with `reward` settings (`style`, `l_max`, `l_cache`, ...), sampled over the
+    KV cache `cache` describes (`sampling.continuous.make_sampler`'s options; default contiguous)."""
     from tqdm.auto import tqdm
 
     from magistral_jax.data.sources import problem_fields
     from magistral_jax.rl.magistral_rewards import last_boxed, split_format
     from magistral_jax.rl.pool import RewardPool
-    from magistral_jax.sampling import Sampler
+    from magistral_jax.sampling.continuous import make_sampler
 
     if k < 1 or batch_problems < 1:
         raise ValueError(f"k ({k}) and the problems per batch ({batch_problems}) must be positive")
-    sampler = Sampler(model, stop_ids=(tokenizer.eos_id,))
+    sampler = make_sampler(model, (tokenizer.eos_id,), **(cache or {}))
     settings = {"style": tokenizer.style, **(reward or {})}
     samples: list[Sample] = []
     with (

@@ -206,9 +206,14 @@ def test_json_logprobs_are_tempered_under_the_default_system_prompt(tekken_check
     shutil.copytree(tekken_checkpoint, shipped)
     own = "You answer in one short sentence, in the user's language."
     (shipped / "SYSTEM_PROMPT.txt").write_text(own)
-    for checkpoint, system in ((tekken_checkpoint, tokenizer.default_system_prompt()), (shipped, own)):
+    # The second run samples over the paged cache (pages of 16 tokens, shared by the two samples).
+    runs = (
+        (tekken_checkpoint, tokenizer.default_system_prompt(), ()),
+        (shipped, own, ("--cache", "paged", "--page-size", 16)),
+    )
+    for checkpoint, system, cache in runs:
         out = _generate_here(capsys, "--checkpoint", checkpoint, "--prompt", "Hello", "--max-new-tokens", 6, "--n", 2,
-                             "--temperature", 0.7, "--seed", 3, "--dtype", "float32", "--json")  # fmt: skip
+                             "--temperature", 0.7, "--seed", 3, "--dtype", "float32", "--json", *cache)  # fmt: skip
         prompt = tokenizer.encode_chat("Hello", system)
         for record in map(json.loads, out.splitlines()):
             want = _teacher_forced(model, prompt, record["tokens"], 0.7)
@@ -255,10 +260,10 @@ def test_json_splits_thinking_and_answer(scripted_checkpoint, capsys):
     assert record["text"].startswith("[THINK]Three plus four[/THINK]It is 7.")
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_streamed_text_is_the_final_text_written_once(scripted_checkpoint, capsys, chunk):
-    """Whatever the chunk size, the stream is each section's heading and its text, each byte
-    written once (nothing rewritten), ending with a newline."""
-    args = ["--temperature", 0.7, "--max-new-tokens", 20, "--dtype", "float32", "--chunk", chunk]
+@pytest.mark.parametrize("chunk, cache", [(1, "contiguous"), (3, "paged")])
+def test_streamed_text_is_the_final_text_written_once(scripted_checkpoint, capsys, chunk, cache):
+    """Whatever the chunk size and the cache, the stream is each section's heading and its text,
+    each byte written once (nothing rewritten), ending with a newline."""
+    args = ["--temperature", 0.7, "--max-new-tokens", 20, "--dtype", "float32", "--chunk", chunk, "--cache", cache]
     out = _generate_here(capsys, "--checkpoint", scripted_checkpoint, "--prompt", "What is 3 + 4?", *args)
     assert out == "--- thinking ---\nThree plus four\n--- answer ---\nIt is 7.\n"

@@ -65,13 +65,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--json", action="store_true", help="print the results as one JSON object")
     r = benches.add_parser(
         "rl",
-        help="asynchronous against synchronous GRPO: trained completions per second",
+        help="asynchronous against synchronous GRPO, paged against contiguous KV cache",
         description=(
             "Runs configs/grpo-tiny-async.yaml (prompt budgets of 8 to 40 new tokens: a 5x spread of completion "
-            "lengths) on 8 simulated CPU devices, once synchronously (sampling and training in turn on all 8) "
-            "and once asynchronously (4 generate with continuous batching, 4 train, weights pushed after every "
-            "step), and reports the completions trained per second after the warm-up steps, their ratio, the "
-            "policy lag and each mode's reward curve."
+            "lengths) on 8 simulated CPU devices, once synchronously (sampling and training in turn on all 8), "
+            "once asynchronously (4 generate with continuous batching, 4 train, weights pushed after every "
+            "step) and once asynchronously with the paged KV cache (a pool of 16-token pages holding what the "
+            "contiguous cache holds, decoding as many sequences as the queue bound lets out), and reports the "
+            "completions trained per second after the warm-up steps, their ratio, the generator's tokens per "
+            "second of both caches and their ratio, the policy lag and each mode's reward curve."
         ),
     )
     r.add_argument("--steps", type=int, default=14, help="GRPO steps per mode (default 14)")
@@ -471,6 +473,7 @@ def run_rl(args: argparse.Namespace) -> int:
     simulate_devices(8)
     import jax
 
+    from magistral_jax.sampling.sampler import cache_shape
     from magistral_jax.train.config import load_run_config
     from magistral_jax.train.loop import run
 
@@ -481,10 +484,22 @@ def run_rl(args: argparse.Namespace) -> int:
         raise ValueError(f"bench rl needs 8 devices, {len(jax.devices())} here")
     results: dict = {"machine": _machine(), "devices": len(jax.devices()), "steps": args.steps, "warmup": args.warmup}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("sync", "async"):
+        base = load_run_config(config, [])
+        a, g = base.async_rl, base.grpo
+        contiguous_tokens = a.slots * cache_shape(a.max_prompt_len, g.max_new_tokens)[1]
+        for mode in ("sync", "async", "paged"):
             overrides = [f"run_dir={os.path.join(tmp, mode)}", f"steps={args.steps}", f"checkpoint_every={args.steps}"]
             if mode == "sync":
                 overrides += ["async_rl.enabled=false", "mesh=fsdp=8"]
+            if mode == "paged":
+                # The contiguous cache's memory as a pool of pages, decoding every completion the
+                # queue bound lets out at once.
+                overrides += [
+                    "async_rl.cache=paged",
+                    "async_rl.page_size=16",
+                    f"async_rl.pool_tokens={contiguous_tokens}",
+                    f"async_rl.slots={int(a.max_async_ratio * g.prompts_per_step * g.group_size)}",
+                ]
             cfg = load_run_config(config, overrides)
             rows: list[dict] = []
             run(cfg, progress=not args.json, on_step=lambda step, m, rows=rows: rows.append(dict(m)))
@@ -497,19 +512,25 @@ def run_rl(args: argparse.Namespace) -> int:
                 "completion_len_mean": round(sum(m["completion_len_mean"] for m in rows) / len(rows), 1),
                 "reward_curve": [round(m["reward_mean"], 4) for m in rows],
             }
-            if mode == "async":
+            if mode != "sync":
                 results[mode].update(
+                    slots=cfg.async_rl.slots,
+                    generator_tokens_per_s=round(sum(m["generator_tokens_per_s"] for m in timed) / len(timed), 1),
                     policy_lag_mean=round(sum(m["policy_lag_mean"] for m in timed) / len(timed), 2),
                     policy_lag_max=max(m["policy_lag_max"] for m in timed),
                     weight_push_s=round(max(m["weight_push_s"] for m in timed), 4),
                     trainer_utilisation=round(sum(m["trainer_utilisation"] for m in timed) / len(timed), 2),
                 )
     results["ratio"] = round(results["async"]["completions_per_s"] / results["sync"]["completions_per_s"], 2)
+    results["paged_generation_ratio"] = round(
+        results["paged"]["generator_tokens_per_s"] / results["async"]["generator_tokens_per_s"], 2
+    )
+    results["contiguous_cache_tokens"] = contiguous_tokens
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(f"machine: {results['machine']}; 8 devices; {args.steps} steps per mode, the first {args.warmup} untimed")
-        for mode in ("sync", "async"):
+        for mode in ("sync", "async", "paged"):
             r = results[mode]
             print(
                 f"{mode:>5}: {r['completions_per_s']} completions/s ({r['step_s']} s/step); rewards {r['reward_curve']}"
@@ -518,6 +539,12 @@ def run_rl(args: argparse.Namespace) -> int:
         print(
             f"async / sync: {results['ratio']}x; policy lag mean {a['policy_lag_mean']} max {a['policy_lag_max']}; "
             f"weight push <= {a['weight_push_s']} s; trainer busy {100 * a['trainer_utilisation']:.0f}% of the time"
+        )
+        p = results["paged"]
+        print(
+            f"generation, same cache memory ({contiguous_tokens} tokens): contiguous {a['slots']} slots "
+            f"{a['generator_tokens_per_s']} tokens/s, paged {p['slots']} slots {p['generator_tokens_per_s']} "
+            f"tokens/s: {results['paged_generation_ratio']}x"
         )
     return 0
 

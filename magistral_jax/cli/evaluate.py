@@ -11,7 +11,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from magistral_jax.cli.generate import add_checkpoint_options, open_for_sampling
+from magistral_jax.cli.generate import add_cache_options, add_checkpoint_options, open_for_sampling
 from magistral_jax.cli.score import add_data_options, read_data
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_checkpoint_options(p)
+    add_cache_options(p)
     add_data_options(p)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7, as the paper)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95, as the model cards)")
@@ -152,6 +153,7 @@ def _sample(args: argparse.Namespace, opened, s: EvalSet):
         batch_problems=args.batch,
         reward={"l_max": args.l_max, "l_cache": args.l_cache, **s.reward},
         workers=args.workers,
+        cache={"cache": args.cache, "page_size": args.page_size, "pool_tokens": args.pool_tokens or None},
     )
 
 

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_checkpoint_options(p)
+    add_cache_options(p)
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument(
         "--image",
@@ -78,6 +79,33 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype (default bfloat16)")
     p.add_argument("--mesh", default="", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: one device)")
+
+
+def add_cache_options(p: argparse.ArgumentParser) -> None:
+    """The options that pick the sampler's KV cache (`make_sampler_of`)."""
+    p.add_argument(
+        "--cache",
+        choices=("contiguous", "paged"),
+        default="contiguous",
+        help="the KV cache: contiguous (each sample reserves its prompt plus the whole budget; takes images) or "
+        "paged (pages filled as the tokens come, a prompt's pages shared by its samples; text only) "
+        "(default contiguous)",
+    )
+    p.add_argument("--page-size", type=int, default=64, help="paged: tokens per page, a divisor of 128 (default 64)")
+    p.add_argument(
+        "--pool-tokens",
+        type=int,
+        default=0,
+        help="paged: the pool's size in tokens; samples that outgrow it are preempted and decoded again "
+        "(default 0: what the contiguous cache would hold)",
+    )
+
+
+def make_sampler_of(model, stop_ids, args: argparse.Namespace):
+    """The sampler `add_cache_options`' options ask for."""
+    from magistral_jax.sampling.continuous import make_sampler
+
+    return make_sampler(model, stop_ids, args.cache, args.page_size, args.pool_tokens or None)
 
 
 def open_for_sampling(args: argparse.Namespace):
@@ -179,7 +207,7 @@ class _Printer:
 
 
 def run(args: argparse.Namespace) -> int:
-    from magistral_jax.sampling import Sampler, SamplingParams
+    from magistral_jax.sampling import SamplingParams
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
@@ -199,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         image_inputs = [pixels]
     else:
         prompt, image_inputs = tokenizer.encode_chat(args.prompt, system), None
-    sampler = Sampler(model, stop_ids=(tokenizer.eos_id,))
+    sampler = make_sampler_of(model, (tokenizer.eos_id,), args)
     start = time.perf_counter()
     if args.json or args.n > 1:
         out = sampler.sample(

@@ -26,6 +26,8 @@ Implementations (all compute logits, softmax and accumulation in float32):
 
 `cached_attention` serves the sampler: a few new queries over a KV cache, reading only the cache's
 filled slots (a dynamic bound), so a decode step's cost follows the sequence, not the cache size.
+`paged_attention` does the same over a paged cache, reading each row's pages through its page
+table.
 """
 
 from __future__ import annotations
@@ -359,6 +361,46 @@ def cached_attention(
         return _online_softmax_step(carry, qg, k_j, v_j, mask, scale)
 
     n_blocks = jnp.minimum((filled + bk - 1) // bk, -(-s // bk))
+    m, denom, acc = jax.lax.fori_loop(0, n_blocks, body, _online_softmax_init(b, g, n // g, t, d))
+    out, _ = _online_softmax_finish(m, denom, acc)
+    return jnp.einsum("bgrtk->btgrk", out).reshape(b, t, n, d).astype(q.dtype)
+
+
+def paged_attention(
+    q: Float[Array, "B T N K"],
+    k_pages: Float[Array, "P L G S K"],
+    v_pages: Float[Array, "P L G S K"],
+    layer: Int[Array, ""],
+    page_table: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    q_positions: Int[Array, "B T"],
+    pages_per_block: int,
+    scale: float | None = None,
+) -> Float[Array, "B T N K"]:
+    """Causal attention of the new queries over `layer` of a paged KV cache (`PagedKVCache`:
+    pools [P, L, G, S, K] of S-token pages, row b's j-th page `page_table[b, j]`), portable: a loop
+    over blocks of `pages_per_block` table entries with a dynamic trip count (the longest row's
+    pages), gathering each block's pages for every row, so a decode step reads the pages rows
+    hold, not the table's width. Row b's slot t (page t // S, offset t % S) holds position t;
+    slots at or past `lengths[b]` are empty. M must be a multiple of `pages_per_block`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, t, n, d = q.shape
+    g, size = k_pages.shape[2], k_pages.shape[3]
+    per_block = pages_per_block * size
+    qg = q.reshape(b, t, g, n // g, d)
+
+    def body(j, carry):
+        pages = jax.lax.dynamic_slice_in_dim(page_table, j * pages_per_block, pages_per_block, axis=1)
+        k_j, v_j = (
+            jnp.swapaxes(x[pages, layer], 2, 3).reshape(b, per_block, g, d)  # [B, blocks * S, G, K]
+            for x in (k_pages, v_pages)
+        )
+        slots = j * per_block + jnp.arange(per_block)
+        mask = (slots[None, None, :] < lengths[:, None, None]) & (slots[None, None, :] <= q_positions[:, :, None])
+        return _online_softmax_step(carry, qg, k_j, v_j, mask, scale)
+
+    n_blocks = (jnp.max(lengths) + per_block - 1) // per_block
     m, denom, acc = jax.lax.fori_loop(0, n_blocks, body, _online_softmax_init(b, g, n // g, t, d))
     out, _ = _online_softmax_finish(m, denom, acc)
     return jnp.einsum("bgrtk->btgrk", out).reshape(b, t, n, d).astype(q.dtype)

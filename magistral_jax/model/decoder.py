@@ -29,9 +29,9 @@ from jaxtyping import Array, Float, Int
 
 from magistral_jax.config import ModelConfig, TextConfig
 from magistral_jax.model import params as P
-from magistral_jax.model.attention import attention, cached_attention
+from magistral_jax.model.attention import attention, cached_attention, paged_attention
 from magistral_jax.model.blocks import attention_block, remat, swiglu_block
-from magistral_jax.model.layers import rms_norm, segment_positions, text_rope_angles
+from magistral_jax.model.layers import rms_norm, round_up, segment_positions, text_rope_angles
 from magistral_jax.sharding import constrain
 
 
@@ -121,6 +121,90 @@ class KVCache:
         )
 
 
+MAX_PAGED_BLOCK = 512
+
+
+def paged_block(longest: int, page_size: int) -> int:
+    """The decode attention's block, in tokens, for a paged cache whose longest row holds
+    `longest` tokens: about an eighth of it (a power of two from the page size to
+    `MAX_PAGED_BLOCK`). Each loop step gathers a block of every row's pages, held or not (an
+    entry a row does not hold names the null page): large blocks read far past short rows (a
+    512-token block made decoding completions of tens of tokens 1.6x slower than 32 on the CPU),
+    small ones run many steps over long rows."""
+    block = 1 << max(0, (-(-longest // 8) - 1).bit_length())
+    return min(max(block, page_size), max(MAX_PAGED_BLOCK, page_size))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """Keys and values in a pool of fixed-size pages shared by the rows, each row reading and
+    writing its own through a page table: a row holds as many pages as its tokens need, and the
+    rows of a group may share the pages of their common prompt.
+
+    Page 0 is the null page: never allocated, it stands in the table for pages a row does not
+    hold (nothing valid is ever written to it). Which page a row gets is the host's business
+    (`sampling.pages.PagePool`); the decoder only reads the table and writes a row's new tokens
+    at slots `lengths[b]` on (page `slot // S`, offset `slot % S`), so the host must have given
+    the row those pages beforehand.
+
+    Attributes:
+      k, v: [P, L, G, S, K] in the compute dtype: P pages of S tokens, pages first (one page's
+        layers, heads and slots are one block, written token by token and gathered whole).
+      page_table: [B, M] int32, row b's j-th page; M a multiple of `MAX_PAGED_BLOCK` tokens' pages.
+      lengths: [B] int32, the tokens each row holds (slot t holds position t).
+      block: tokens the decode attention reads per loop step (static: a power of two from the
+        page size to `MAX_PAGED_BLOCK`; see `paged_block`).
+    """
+
+    k: Float[Array, "P L G S K"]
+    v: Float[Array, "P L G S K"]
+    page_table: Int[Array, "B M"]
+    lengths: Int[Array, " B"]
+    block: int = dataclasses.field(default=128, metadata=dict(static=True))
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    @staticmethod
+    def table_width(tokens: int, page_size: int) -> int:
+        """Table entries for rows of up to `tokens` tokens: a multiple of the largest block."""
+        return round_up(-(-tokens // page_size), max(1, MAX_PAGED_BLOCK // page_size))
+
+    @staticmethod
+    def logical_axes() -> PagedKVCache:
+        kv = (None, "layers", "act_kv_heads", None, "head_dim")
+        return PagedKVCache(k=kv, v=kv, page_table=("batch", None), lengths=("batch",))  # type: ignore[arg-type]
+
+    @staticmethod
+    def shapes(cfg: TextConfig, pages: int, page_size: int, rows: int, table_width: int, dtype: Any) -> PagedKVCache:
+        kv = jax.ShapeDtypeStruct((pages, cfg.n_layers, cfg.n_kv_heads, page_size, cfg.head_dim), jnp.dtype(dtype))
+        return PagedKVCache(
+            k=kv,
+            v=kv,
+            page_table=jax.ShapeDtypeStruct((rows, table_width), jnp.int32),
+            lengths=jax.ShapeDtypeStruct((rows,), jnp.int32),
+        )
+
+    @staticmethod
+    def init(cfg: ModelConfig, pages: int, page_size: int, rows: int, table_width: int) -> PagedKVCache:
+        """An empty pool of `pages` pages (the null page included) and `rows` rows holding none."""
+        shapes = PagedKVCache.shapes(cfg.text, pages, page_size, rows, table_width, cfg.dtype)
+        cache = PagedKVCache(
+            k=jnp.zeros(shapes.k.shape, shapes.k.dtype),
+            v=jnp.zeros(shapes.v.shape, shapes.v.dtype),
+            page_table=jnp.zeros((rows, table_width), jnp.int32),
+            lengths=jnp.zeros((rows,), jnp.int32),
+        )
+        return jax.tree.map(
+            lambda x, axes: constrain(x, axes, cfg.rules),
+            cache,
+            PagedKVCache.logical_axes(),
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+
+
 def _write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     """Writes new[b] into buffer[b] at slot starts[b] along axis 1 (per-row offsets)."""
     return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=0))(buffer, new, starts)
@@ -167,8 +251,8 @@ def decode_layers(
     *,
     positions: Int[Array, "B T"],
     segment_ids: Int[Array, "B T"],
-    cache: KVCache | None = None,
-) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    cache: KVCache | PagedKVCache | None = None,
+) -> tuple[Float[Array, "B T D"], KVCache | PagedKVCache | None]:
     """Runs the stacked decoder layers over embeddings `x` (the vision merge feeds this too)."""
     tc = cfg.text
     angles = text_rope_angles(positions, tc.head_dim, tc.rope_theta)
@@ -196,6 +280,8 @@ def decode_layers(
             x, _ = jax.lax.scan(remat(layer, cfg.remat), x, (params["layers"], per_layer))
         return x, None
 
+    if isinstance(cache, PagedKVCache):
+        return _paged_layers(params, x, cfg, angles, positions, segment_ids != 0, cache)
     valid = segment_ids != 0
     kv_positions = _write_rows(cache.positions, jnp.where(valid, positions, -1), cache.lengths)
     new_lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)
@@ -236,6 +322,51 @@ def decode_layers(
     return x, KVCache(k=new_k, v=new_v, positions=kv_positions, lengths=new_lengths)
 
 
+def _paged_layers(params, x, cfg: ModelConfig, angles, positions, valid, cache: PagedKVCache):
+    """`decode_layers` over a `PagedKVCache`: each row's valid tokens (first in the row) are
+    written at its slots `lengths[b]` on, through its page table, then attend to the row's pages."""
+    tc = cfg.text
+    t = valid.shape[1]
+    n_pages, size = cache.k.shape[0], cache.page_size
+    slots = cache.lengths[:, None] + jnp.arange(t)
+    pages = jnp.take_along_axis(cache.page_table, jnp.minimum(slots // size, cache.page_table.shape[1] - 1), axis=1)
+    pages = jnp.where(valid, pages, n_pages)  # out of range: padding writes nothing
+    offsets = slots % size
+    new_lengths = cache.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)
+    per_block = max(1, cache.block // size)
+    axes = PagedKVCache.logical_axes().k
+
+    def paged_layer(carry, scanned):
+        x, pool_k, pool_v = carry  # the pools ride in the carry, written in place (see `cached_layer`)
+        lp, i = scanned
+        lp = jax.tree.map(lambda w: w.astype(cfg.dtype), lp)
+
+        def attend(q, k, v):
+            write = lambda pool, new: constrain(  # noqa: E731
+                pool.at[pages, i, :, offsets].set(new.astype(pool.dtype), mode="drop"), axes, cfg.rules
+            )
+            k_all, v_all = write(pool_k, k), write(pool_v, v)
+            out = paged_attention(
+                q,
+                k_all,
+                v_all,
+                i,
+                cache.page_table,
+                new_lengths,
+                q_positions=positions,
+                pages_per_block=per_block,
+            )
+            return out, k_all, v_all
+
+        x, (pool_k, pool_v) = attention_block(x, lp, angles, attend, tc.norm_eps, cfg.rules)
+        return (swiglu_block(x, lp, tc.norm_eps, cfg.rules), pool_k, pool_v), None
+
+    layer_ids = jnp.arange(tc.n_layers, dtype=jnp.int32)
+    with jax.named_scope("layers"):
+        (x, new_k, new_v), _ = jax.lax.scan(paged_layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
+    return x, dataclasses.replace(cache, k=new_k, v=new_v, lengths=new_lengths)
+
+
 def forward(
     params: P.ParamTree,
     tokens: Int[Array, "B T"],
@@ -243,9 +374,9 @@ def forward(
     *,
     positions: Int[Array, "B T"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
-    cache: KVCache | None = None,
+    cache: KVCache | PagedKVCache | None = None,
     embeddings: Float[Array, "B T D"] | None = None,
-) -> tuple[Float[Array, "B T V"], KVCache | None]:
+) -> tuple[Float[Array, "B T V"], KVCache | PagedKVCache | None]:
     """Logits (float32) of every token, and the updated cache when one is given.
 
     Args:
@@ -253,7 +384,7 @@ def forward(
       positions: RoPE positions; by default each segment counts from 0, continuing from the row's
         cached length when a cache is given.
       segment_ids: 0 for padding, equal ids for tokens of one document; default all ones.
-      cache: a `KVCache` to read and extend (prefill and decode), or None.
+      cache: a `KVCache` or `PagedKVCache` to read and extend (prefill and decode), or None.
       embeddings: input embeddings to use instead of the tokens' (images merged in, see
         `vision.embed_with_images`).
     """

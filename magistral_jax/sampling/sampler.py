@@ -234,25 +234,9 @@ class Sampler:
         images: Sequence[Sequence[Any]] | None = None,
     ) -> DecodeState:
         cfg = self.model.cfg
-        if not prompts:
-            raise ValueError("prompts: at least one prompt is expected")
-        budgets = _budgets(max_new_tokens, len(prompts))
+        batch, lengths, budgets = self._batch(prompts, n, max_new_tokens)
         max_new_tokens = int(budgets.max())
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        if lengths.min() < 1:
-            raise ValueError(f"prompt {int(lengths.argmin())} is empty")
-        longest = int(lengths.max()) + max_new_tokens
-        if longest > cfg.text.max_position_embeddings:
-            raise ValueError(
-                f"a prompt of {int(lengths.max())} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                f"context of {cfg.text.max_position_embeddings}"
-            )
-        width, cache_len = cache_shape(int(lengths.max()), max_new_tokens)
-        batch = np.zeros((len(prompts), width), np.int32)
-        for i, p in enumerate(prompts):
-            batch[i, : len(p)] = p
-        if batch.max() >= cfg.text.vocab_size or batch.min() < 0:
-            raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
+        cache_len = cache_shape(int(lengths.max()), max_new_tokens)[1]
         if jax.process_count() > 1:
             _check_same_on_every_process(batch, lengths, budgets, n, seed)
         vision_inputs = None if images is None else image_inputs(batch, images, cfg)
@@ -269,6 +253,32 @@ class Sampler:
                 cache_len=cache_len,
                 max_new=max_new_tokens,
             )
+
+    def _batch(
+        self, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int | Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The prompts checked and right-padded to the `BUCKET`-rounded width, their lengths and
+        budgets."""
+        cfg = self.model.cfg
+        if not prompts:
+            raise ValueError("prompts: at least one prompt is expected")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        budgets = _budgets(max_new_tokens, len(prompts))
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        if lengths.min() < 1:
+            raise ValueError(f"prompt {int(lengths.argmin())} is empty")
+        if int(lengths.max()) + int(budgets.max()) > cfg.text.max_position_embeddings:
+            raise ValueError(
+                f"a prompt of {int(lengths.max())} tokens plus {int(budgets.max())} new tokens exceeds the model's "
+                f"context of {cfg.text.max_position_embeddings}"
+            )
+        batch = np.zeros((len(prompts), cache_shape(int(lengths.max()), 1)[0]), np.int32)
+        for i, p in enumerate(prompts):
+            batch[i, : len(p)] = p
+        if batch.max() >= cfg.text.vocab_size or batch.min() < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
+        return batch, lengths, budgets
 
     def _decode(self, state: DecodeState, limit: int, sampling: SamplingParams) -> DecodeState:
         # A fixed-weights sampler: every token comes from policy version 0.
@@ -296,8 +306,6 @@ class Sampler:
         """Yields the new tokens of every row every `chunk` decode steps (see `Chunk`); `images`
         are the prompts' images as `Model.logits` takes them. `max_new_tokens` is one budget for
         every prompt or one per prompt."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
         if chunk < 1:
             raise ValueError(f"chunk: a positive number of tokens is expected, got {chunk}")
         state = self._start(prompts, n, max_new_tokens, seed, images)

@@ -238,7 +238,8 @@ class Generator(threading.Thread):
             for i in range(self.group_size):
                 self.pending.append(Request(example.prompt, limit, sample_seed(self.seed, gid, i), (gid, i)))
         take = [self.pending.popleft() for _ in range(min(free, len(self.pending)))]
-        self.batcher.insert(take)
+        # A paged cache may admit fewer than the free slots (pages): the rest wait their turn.
+        self.pending.extendleft(reversed(self.batcher.insert(take)))
 
     def _collect(self, f: Finished) -> None:
         gid, i = f.request.tag
@@ -324,6 +325,10 @@ def train_async(
         sampling=learner.sampling,
         stop_ids=learner.stop_ids,
         version=start,
+        cache=a.cache,
+        page_size=a.page_size,
+        pool_tokens=a.pool_tokens or None,
+        reserve_tokens=a.reserve_tokens or None,
     )
     queue = RolloutQueue(int(a.max_async_ratio * n_batch) // count, g.group_size)
 

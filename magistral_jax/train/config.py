@@ -15,6 +15,8 @@ from typing import Any
 
 from magistral_jax.config import ConfigError, ModelConfig
 from magistral_jax.overrides import nest_overrides, read_yaml_file, typed_fields
+from magistral_jax.sampling.continuous import CACHES
+from magistral_jax.sampling.sampler import BUCKET
 from magistral_jax.train.step import OptimizerConfig
 
 
@@ -70,8 +72,23 @@ class AsyncConfig:
     max_async_ratio: float = 2.0  # completions generating + queued <= ratio * n_batch
     max_prompt_len: int = 512  # the longest prompt (fixes the generator's cache)
     verifiers: int = 2  # threads that score finished groups (each may use the reward pool)
+    # The generator's KV cache: `contiguous` (each slot reserves max_prompt_len + max_new_tokens)
+    # or `paged` (pages of page_size tokens, a divisor of 128, from a pool of pool_tokens, 0: what the contiguous
+    # cache of `slots` rows holds; a group's samples share their prompt's pages; a request is
+    # admitted with pages for its prompt plus reserve_tokens, 0: one chunk). See
+    # `sampling.continuous.ContinuousBatcher`.
+    cache: str = "contiguous"
+    page_size: int = 64
+    pool_tokens: int = 0
+    reserve_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.cache not in CACHES:
+            raise ValueError(f"async_rl.cache: {self.cache!r}; expected one of {CACHES}")
+        if self.page_size < 1 or BUCKET % self.page_size:
+            raise ValueError(f"async_rl.page_size: a divisor of {BUCKET} is expected, got {self.page_size}")
+        if self.pool_tokens < 0 or self.reserve_tokens < 0:
+            raise ValueError("async_rl.pool_tokens and async_rl.reserve_tokens: >= 0 expected (0: the default)")
         for name in ("generator_devices", "chunk", "max_prompt_len", "verifiers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"async_rl.{name}: a positive integer is expected, got {getattr(self, name)!r}")

@@ -38,7 +38,8 @@ def _replay(cfg, params_of, prompt, tokens, versions):
     return np.asarray(out)
 
 
-def test_weights_pushed_mid_generation_are_used_by_the_next_chunk():
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_weights_pushed_mid_generation_are_used_by_the_next_chunk(cache):
     cfg = get_preset("tiny").replace(dtype="float32", param_dtype="float32")
     old, new = mj.init_model(cfg, 0).params, mj.init_model(cfg, 1).params
     mesh = make_mesh(devices=jax.devices()[:4])
@@ -52,6 +53,8 @@ def test_weights_pushed_mid_generation_are_used_by_the_next_chunk():
         chunk=4,
         sampling=SamplingParams(temperature=1.0),
         stop_ids=(),
+        cache=cache,
+        page_size=4,
     )
     requests = [
         Request([1, 5, 9, 11], 10, seed=3, tag=0),
