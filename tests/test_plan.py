@@ -217,18 +217,20 @@ def test_cli_sample_plan_reports_the_capacity_of_both_caches(capsys):
     assert (c["group_size"], c["page_size"], c["reserve"], c["decode_rows"]) == (4, 16, 16, 4)
     per_token = 2 * 2 * 2 * 32 * 4
     assert (c["kv_bytes_per_token"], c["cache_replication"]) == (per_token, 1)
-    # The compiled decode program's 4 rows x 384 slots, split 2 ways by row and 2 by kv head.
+    # The compiled decode program's 4 rows x 384 slots, split 2 ways by row and 2 by kv head; the
+    # rest of its rows' state holds at least their slots' int32 positions (2 rows a chip).
     assert c["decode_cache_bytes"] == 4 * 384 * per_token // 4
+    assert c["decode_row_bytes"] >= 2 * 384 * 4 and c["row_bytes"] == c["decode_row_bytes"]
     decode = next(p for p in out["programs"] if p["name"] == "decode")
     assert c["decode_peak_bytes"] == decode["step_peak_bytes"]
-    free = 4 * (16 * 2**30 - decode["step_peak_bytes"] + c["decode_cache_bytes"])
+    free = 4 * (16 * 2**30 - decode["step_peak_bytes"] + c["decode_cache_bytes"] + c["decode_row_bytes"])
     assert c["free_bytes"] == free
-    assert c["contiguous"]["sequences"] == free // (384 * per_token)
+    assert c["contiguous"]["sequences"] == free // (384 * per_token + c["row_bytes"])
     # Lengths uniform on 1..191 (mean 96): 4 shared prompt pages per group of 4, 1 page of
     # reserve, and ceil(t / 16) own pages at step t, averaged over the sequences in flight.
     own = sum(math.ceil(t / 16) * (192 - t) for t in range(1, 192)) / (191 * 96)
     longest = sum(1 - ((t - 1) / 191) ** 4 for t in range(1, 192))
     pages = 4 * longest / (4 * 96) + own + 1
     assert c["paged"]["tokens_per_sequence"] == pytest.approx(pages * 16)
-    assert c["paged"]["sequences"] == math.floor(free / (pages * 16 * per_token))
+    assert c["paged"]["sequences"] == math.floor(free / (pages * 16 * per_token + c["row_bytes"]))
     assert c["ratio"] == pytest.approx(c["paged"]["sequences"] / c["contiguous"]["sequences"])

@@ -33,9 +33,10 @@ The caches (`decoder.KVCache` today; the paged pool of issue 19):
 
 A cache byte lives on `cache_replication` chips of the generator mesh (the KV array is sharded by
 the rules: rows over the batch axes, kv heads over `tensor` where they divide). Sequences that
-fit = floor(HBM free for the cache / bytes per sequence), the free HBM being every chip's minus
-what the compiled decode program needs besides its cache (weights, temporaries, buffers kept
-alive beside it).
+fit = floor(HBM free for the rows / bytes per sequence), the free HBM being every chip's minus
+what the compiled decode program needs besides its rows' state (weights, temporaries, buffers
+kept alive beside it), a sequence's bytes its keys and values plus the rest of its row's state
+(logits, output buffers, ...), as the compiled program holds them.
 
 HBM traffic of a decode step (whole mesh): the matmul weights once, plus the keys and values the
 attention reads: contiguous, every row reads the blocks up to the longest row's filled length
@@ -329,7 +330,9 @@ class Capacity:
     decode_rows: int  # rows of the compiled decode program the figures below come from
     decode_peak_bytes: int  # per chip, its peak plus what is kept alive beside it
     decode_cache_bytes: int  # per chip, its cache's keys and values
-    free_bytes: float  # whole mesh, for the cache
+    decode_row_bytes: int  # per chip, the rest of its rows' state (logits, outputs, positions, ...)
+    row_bytes: float  # whole mesh, what a row's state besides its keys and values takes
+    free_bytes: float  # whole mesh, for the rows: every chip's HBM less the decode's fixed needs
     weight_bytes: float  # read once per decode step (whole mesh)
     hbm_bandwidth: float  # per chip
     contiguous: CacheCapacity
@@ -338,10 +341,11 @@ class Capacity:
 
 
 def _cache(
-    tokens: float, read_tokens: float, per_token: float, free: float, weights: float, bandwidth: float
+    tokens: float, read_tokens: float, per_token: float, row: float, free: float, weights: float, bandwidth: float
 ) -> CacheCapacity:
-    """One cache's figures: `bandwidth` is the whole mesh's."""
-    per_seq = tokens * per_token
+    """One cache's figures: `row` the bytes of a row besides its keys and values, `bandwidth`
+    the whole mesh's."""
+    per_seq = tokens * per_token + row
     n = max(0, math.floor(free / per_seq))
     read = n * read_tokens * per_token
     step = weights + read
@@ -363,6 +367,8 @@ def capacity(
     hbm_bandwidth: float,
     decode_rows: int,
     decode_peak_bytes: int,
+    decode_cache_bytes: int,
+    decode_row_bytes: int,
     attention_block: int,
     page_size: int = DEFAULT_PAGE_SIZE,
     group_size: int = DEFAULT_GROUP_SIZE,
@@ -378,8 +384,11 @@ def capacity(
       rules, mesh: the sharding rules and the generator mesh's axis sizes.
       hbm_bytes, hbm_bandwidth: per chip.
       decode_rows, decode_peak_bytes: the compiled contiguous decode program's rows and per-chip
-        peak (with what stays alive beside it): what it needs besides its cache is the peak minus
-        its cache, and every chip's HBM minus that is free for a cache.
+        peak (with what stays alive beside it).
+      decode_cache_bytes, decode_row_bytes: per chip, its state's keys and values, and the rest of
+        its rows' state. What it needs besides its rows (weights, temporaries) is the peak minus
+        both; every chip's HBM minus that is free for rows, each of which takes its keys and
+        values plus the rest of its state (taken equal for both caches).
       attention_block: the cached attention's key block (contiguous reads).
       page_size, group_size, reserve: the paged cache's page, the samples sharing a prompt, the
         tokens of headroom a sequence is admitted with.
@@ -394,17 +403,17 @@ def capacity(
     budget = lengths.budget
     slots = contiguous_slots(prompt_len, budget)
     width = round_up(prompt_len, 128)
-    compiled_shards = cache_shards(rules, mesh, decode_rows, n_layers, n_kv_heads, slots, head_dim)
-    decode_cache = decode_rows * slots * per_token // compiled_shards
     # A cache of many rows splits over every batch axis as well.
     replication = chips // cache_shards(rules, mesh, chips * group_size, n_layers, n_kv_heads, slots, head_dim)
-    free = chips * (hbm_bytes - (decode_peak_bytes - decode_cache))
+    free = chips * (hbm_bytes - (decode_peak_bytes - decode_cache_bytes - decode_row_bytes))
+    row = chips * decode_row_bytes / decode_rows
     per_seq_token = per_token * replication
-    contiguous_rows = max(1, math.floor(free / (slots * per_seq_token)))
+    contiguous_rows = max(1, math.floor(free / (slots * per_seq_token + row)))
     contiguous = _cache(
         slots,
         contiguous_read_slots(lengths, width, slots, contiguous_rows, attention_block),
         per_seq_token,
+        row,
         free,
         weight_bytes,
         chips * hbm_bandwidth,
@@ -413,6 +422,7 @@ def capacity(
         paged_pages(lengths, prompt_len, page_size, group_size, reserve) * page_size,
         paged_read_tokens(lengths, prompt_len, page_size),
         per_seq_token,
+        row,
         free,
         weight_bytes,
         chips * hbm_bandwidth,
@@ -432,7 +442,9 @@ def capacity(
         cache_replication=replication,
         decode_rows=decode_rows,
         decode_peak_bytes=decode_peak_bytes,
-        decode_cache_bytes=decode_cache,
+        decode_cache_bytes=decode_cache_bytes,
+        decode_row_bytes=decode_row_bytes,
+        row_bytes=row,
         free_bytes=free,
         weight_bytes=weight_bytes,
         hbm_bandwidth=hbm_bandwidth,

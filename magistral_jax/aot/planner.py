@@ -161,12 +161,11 @@ def _required_bytes(message: str) -> int | None:
 def per_chip_bytes(tree: Any) -> int:
     """Bytes one chip holds of a pytree of sharded `jax.ShapeDtypeStruct`s (the largest shard)."""
     import jax
-    import numpy as np
 
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+        total += math.prod(shape) * x.dtype.itemsize  # a PRNG key's dtype has one too (its key data)
     return total
 
 
@@ -272,9 +271,9 @@ def _phase(name: str, results: list[ProgramResult], tokens: int, model_flops: fl
 
 def _compile_all(
     programs: list[Program], topo: Topology, dump_hlo: str | None
-) -> tuple[list[ProgramResult], list[str]]:
+) -> tuple[list[ProgramResult], list[str], dict[str, Any]]:
     """Compiles the programs in order; one that takes the outputs of a program that did not fit
-    is skipped (and said so)."""
+    is skipped (and said so). Returns their results, notes and abstract outputs by name."""
     results, outputs, notes = [], {}, []
     for program in programs:
         try:
@@ -295,7 +294,7 @@ def _compile_all(
             notes.append(f"{r.name}: {r.uncounted_kernels} Pallas kernel(s) whose FLOPs are not counted")
         if r.dense_kernel_masks:
             notes.append(f"{r.name}: {r.dense_kernel_masks} splash kernel(s) counted at every block (mask not read)")
-    return results, notes
+    return results, notes, outputs
 
 
 def _result(
@@ -382,6 +381,7 @@ def _capacity(
     topo: Topology,
     mesh: dict[str, int],
     results: list[ProgramResult],
+    outputs: dict[str, Any],
     rows: int,
     prompt_len: int,
     budget: int,
@@ -389,7 +389,8 @@ def _capacity(
     group_size: int,
     reserve: int,
 ) -> tuple[Capacity | None, list[str]]:
-    """The capacity section from the compiled decode program (`aot.capacity.capacity`), or why not."""
+    """The capacity section from the compiled decode program (`aot.capacity.capacity`), or why not:
+    its per-chip peak, and its state's keys and values and the rest, as its shardings place them."""
     import jax.numpy as jnp
 
     from magistral_jax.aot import capacity as C
@@ -399,6 +400,8 @@ def _capacity(
     decode = next((r for r in results if r.name == "decode"), None)
     if decode is None or not decode.fits:
         return None, ["capacity: the decode program does not fit, so nothing grounds a capacity figure"]
+    state = outputs["decode"]  # the decode state it hands back: the one it took, donated
+    kv = per_chip_bytes((state.cache.k, state.cache.v))
     t = cfg.text
     result = C.capacity(
         lengths=lengths,
@@ -414,6 +417,8 @@ def _capacity(
         hbm_bandwidth=topo.chip.hbm_bandwidth,
         decode_rows=rows,
         decode_peak_bytes=decode.step_peak_bytes,
+        decode_cache_bytes=kv,
+        decode_row_bytes=per_chip_bytes(state) - kv,
         attention_block=cfg.attention_block,
         page_size=options.page_size,
         group_size=group_size,
@@ -526,7 +531,7 @@ def plan(
             cfg, jmesh, A.abstract_params(cfg, jmesh), batch, prompt, seq_len - prompt, 1, MAGISTRAL, (2,)
         )
         sample = (batch * (seq_len - prompt), 2.0 * matmul_params * batch * seq_len)
-    results, compile_notes = _compile_all(programs, topo, dump_hlo)
+    results, compile_notes, outputs = _compile_all(programs, topo, dump_hlo)
     cap = None
     if task == "sample":
         options = capacity or CapacityOptions()
@@ -535,6 +540,7 @@ def plan(
             topo,
             sizes,
             results,
+            outputs,
             batch,
             prompt,
             seq_len - prompt,
@@ -584,7 +590,7 @@ def plan_run(
     topo = topology(topology_name)
     step = run_programs(run, topology_devices(topology_name), prompt_len)
     _, matmul_params = param_counts(step.cfg)
-    results, notes = _compile_all(step.programs, topo, dump_hlo)
+    results, notes, outputs = _compile_all(step.programs, topo, dump_hlo)
     train = step.programs[-1].mesh
     mesh = {a: int(train.shape.get(a, 1)) for a in ("data", "fsdp", "tensor")}
     trained = step.train.tokens
@@ -598,6 +604,7 @@ def plan_run(
             topo,
             {a: int(decode.mesh.shape.get(a, 1)) for a in ("data", "fsdp", "tensor")},
             results,
+            outputs,
             step.decode_rows,
             prompt_len or run.async_rl.max_prompt_len,
             run.grpo.max_new_tokens,

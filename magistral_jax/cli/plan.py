@@ -36,8 +36,9 @@ padded prompt plus the whole budget) and with a paged one (pages held as the tok
 group's prompt pages shared, freed when a sequence ends), for completion lengths drawn from a
 distribution (--lengths) over the budget (--seq-len minus --prompt-len; a recipe's
 grpo.max_new_tokens): expected pages per sequence in flight, counted length-biased (long
-sequences are in flight longer), exact sums, no sampling. The HBM free for the cache is every
-chip's minus what the compiled decode program needs besides its own cache. It also gives each
+sequences are in flight longer), exact sums, no sampling. The HBM free for the rows is every
+chip's minus what the compiled decode program needs besides its rows' state (its cache, logits,
+output buffers; a row takes its keys and values plus the rest of that state). It also gives each
 cache's decode-step HBM traffic (weights once plus the keys and values read; the contiguous cache
 reads every row up to the longest) and the tokens/s it implies at the chips' HBM bandwidth (a
 roofline estimate).
@@ -398,10 +399,11 @@ def format_capacity(c) -> list[str]:
         f"{c.lengths} of a {c.budget:,}-token budget (mean {c.mean_length:,.0f} tokens, {c.mean_fraction:.3f} of "
         f"it), prompts of {c.prompt_len:,}; paged: pages of {c.page_size}, groups of {c.group_size} sharing their "
         f"prompt pages, a reserve of {c.reserve} tokens",
-        f"  KV cache {c.kv_bytes_per_token / 1024:,.1f} KiB per token, each byte on {c.cache_replication} chip(s); "
-        f"free for it: {_gib(c.free_bytes)} GiB (every chip's HBM minus the decode program's "
-        f"{_gib(c.decode_peak_bytes - c.decode_cache_bytes)} GiB per chip besides its cache, compiled for "
-        f"{c.decode_rows} rows)",
+        f"  KV cache {c.kv_bytes_per_token / 1024:,.1f} KiB per token, each byte on {c.cache_replication} chip(s), "
+        f"and {_si(c.row_bytes, 'B')} of other state per row; free for the rows: {_gib(c.free_bytes)} GiB (every "
+        f"chip's HBM minus the decode program's "
+        f"{_gib(c.decode_peak_bytes - c.decode_cache_bytes - c.decode_row_bytes)} GiB per chip besides its rows' "
+        f"state, compiled for {c.decode_rows} rows)",
     ]
     for name, k, what in (
         ("contiguous", c.contiguous, "slots reserved"),

@@ -147,24 +147,27 @@ def test_capacity_of_a_two_layer_model_by_hand():
         hbm_bandwidth=1e9,
         decode_rows=4,
         decode_peak_bytes=100 * 2**20,
+        decode_cache_bytes=65536,  # as the two meshes below shard 4 rows' cache: 4 x 256 x 256 / 4
+        decode_row_bytes=4096,
         attention_block=128,
         page_size=64,
         group_size=1,
         reserve=0,
     )
     # K and V of 2 layers x 2 kv heads x 16 in bfloat16: 256 bytes a token. Prompts pad to 128,
-    # plus 128 new tokens: 256 slots. On fsdp 2 x tensor 2 the 4 rows split 2 ways and the kv heads
-    # 2 ways: the compiled cache is 4 x 256 x 256 / 4 bytes a chip, each byte on one chip.
+    # plus 128 new tokens: 256 slots. On fsdp 2 x tensor 2 a cache of many rows splits 2 ways by
+    # row and 2 by kv head: each byte on one chip. The decode program compiled for 4 rows holds
+    # 4096 bytes a chip of their other state: 4 x 4096 / 4 a row over the mesh.
     c = C.capacity(mesh=dict(data=1, fsdp=2, tensor=2), **kwargs)
-    assert (c.kv_bytes_per_token, c.cache_replication, c.decode_cache_bytes) == (256, 1, 65536)
-    free = 4 * (GiB - (100 * 2**20 - 65536))
+    assert (c.kv_bytes_per_token, c.cache_replication, c.row_bytes) == (256, 1, 4096)
+    free = 4 * (GiB - (100 * 2**20 - 65536 - 4096))
     assert c.free_bytes == free
-    assert c.contiguous.bytes_per_sequence == 256 * 256
-    assert c.contiguous.sequences == free // (256 * 256)
+    assert c.contiguous.bytes_per_sequence == 256 * 256 + 4096
+    assert c.contiguous.sequences == free // (256 * 256 + 4096)
     # Every completion 128 tokens: 1 prompt page and, at step t, ceil(t / 64) of its own: 1.5 on
     # average over the 128 steps; 2.5 pages of 64 tokens.
     assert c.paged.tokens_per_sequence == pytest.approx(2.5 * 64)
-    assert c.paged.sequences == math.floor(free / (2.5 * 64 * 256))
+    assert c.paged.sequences == math.floor(free / (2.5 * 64 * 256 + 4096))
     assert c.ratio == c.paged.sequences / c.contiguous.sequences
     # Every contiguous row reads 2 blocks of 128 (the longest row is past the prompt's 128
     # slots); a paged one reads 1 + 1.5 pages.
@@ -174,8 +177,9 @@ def test_capacity_of_a_two_layer_model_by_hand():
     assert c.paged.step_bytes == pytest.approx(step)
     assert c.paged.tokens_per_s == pytest.approx(c.paged.sequences * 4 * 1e9 / step)
     # Two kv heads cannot split over tensor 4: every byte sits on the 4 chips of the tensor axis.
-    c = C.capacity(mesh=dict(data=1, fsdp=1, tensor=4), **kwargs)
-    assert (c.cache_replication, c.decode_cache_bytes) == (4, 4 * 256 * 256)
-    assert c.contiguous.sequences == (4 * (GiB - (100 * 2**20 - 4 * 256 * 256))) // (4 * 256 * 256)
+    c = C.capacity(mesh=dict(data=1, fsdp=1, tensor=4), **(kwargs | dict(decode_cache_bytes=4 * 256 * 256)))
+    assert c.cache_replication == 4
+    free = 4 * (GiB - (100 * 2**20 - 4 * 256 * 256 - 4096))
+    assert c.contiguous.sequences == free // (4 * 256 * 256 + 4096)
     text = "\n".join(format_capacity(c))
     assert "fixed:1 of a 128-token budget" in text and f"-> {c.paged.sequences:,} sequences" in text
