@@ -8,6 +8,7 @@ preset.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -200,3 +201,36 @@ def test_cli_recipe_form_refuses_flags_and_needs_sft_rows(capsys):
     assert "is a run config: --batch belong to the model-and-flags form" in capsys.readouterr().err
     assert main(f"plan --config {recipe} --topology v5e-4".split()) == 1
     assert "row_len: plan needs the SFT rows' length" in capsys.readouterr().err
+
+
+def test_cli_sample_plan_reports_the_capacity_of_both_caches(capsys):
+    # The tiny model (2 layers, 2 kv heads of 32, float32) on fsdp 2 x tensor 2; a 64-token prompt
+    # pads to 128, plus a budget of 256 - 64 = 192 new tokens: 384 slots per contiguous sequence.
+    args = (
+        "plan --config tiny --topology v5e-4 --task sample --batch 4 --seq-len 256 --prompt-len 64 "
+        "--mesh fsdp=2,tensor=2 --lengths uniform:0.5 --page-size 16 --group-size 4 --reserve 16 --json"
+    )
+    assert main(args.split()) == 0
+    out = json.loads(capsys.readouterr().out)
+    c = out["capacity"]
+    assert (c["lengths"], c["budget"], c["mean_length"], c["prompt_len"]) == ("uniform:0.5", 192, 96, 64)
+    assert (c["group_size"], c["page_size"], c["reserve"], c["decode_rows"]) == (4, 16, 16, 4)
+    per_token = 2 * 2 * 2 * 32 * 4
+    assert (c["kv_bytes_per_token"], c["cache_replication"]) == (per_token, 1)
+    # The compiled decode program's 4 rows x 384 slots, split 2 ways by row and 2 by kv head; the
+    # rest of its rows' state holds at least their slots' int32 positions (2 rows a chip).
+    assert c["decode_cache_bytes"] == 4 * 384 * per_token // 4
+    assert c["decode_row_bytes"] >= 2 * 384 * 4 and c["row_bytes"] == c["decode_row_bytes"]
+    decode = next(p for p in out["programs"] if p["name"] == "decode")
+    assert c["decode_peak_bytes"] == decode["step_peak_bytes"]
+    free = 4 * (16 * 2**30 - decode["step_peak_bytes"] + c["decode_cache_bytes"] + c["decode_row_bytes"])
+    assert c["free_bytes"] == free
+    assert c["contiguous"]["sequences"] == free // (384 * per_token + c["row_bytes"])
+    # Lengths uniform on 1..191 (mean 96): 4 shared prompt pages per group of 4, 1 page of
+    # reserve, and ceil(t / 16) own pages at step t, averaged over the sequences in flight.
+    own = sum(math.ceil(t / 16) * (192 - t) for t in range(1, 192)) / (191 * 96)
+    longest = sum(1 - ((t - 1) / 191) ** 4 for t in range(1, 192))
+    pages = 4 * longest / (4 * 96) + own + 1
+    assert c["paged"]["tokens_per_sequence"] == pytest.approx(pages * 16)
+    assert c["paged"]["sequences"] == math.floor(free / (pages * 16 * per_token + c["row_bytes"]))
+    assert c["ratio"] == pytest.approx(c["paged"]["sequences"] / c["contiguous"]["sequences"])

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from magistral_jax.aot.capacity import Capacity, CapacityOptions
 from magistral_jax.aot.hlo_costs import HloCosts, hlo_costs
 from magistral_jax.aot.topologies import Topology, topology, topology_devices
 
@@ -143,6 +144,7 @@ class PlanResult:
     mfu: float
     tokens_per_s: float
     notes: list[str] = field(default_factory=list)
+    capacity: Capacity | None = None  # the sampler's, contiguous vs paged cache (`aot.capacity`)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,12 +161,11 @@ def _required_bytes(message: str) -> int | None:
 def per_chip_bytes(tree: Any) -> int:
     """Bytes one chip holds of a pytree of sharded `jax.ShapeDtypeStruct`s (the largest shard)."""
     import jax
-    import numpy as np
 
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+        total += math.prod(shape) * x.dtype.itemsize  # a PRNG key's dtype has one too (its key data)
     return total
 
 
@@ -270,9 +271,9 @@ def _phase(name: str, results: list[ProgramResult], tokens: int, model_flops: fl
 
 def _compile_all(
     programs: list[Program], topo: Topology, dump_hlo: str | None
-) -> tuple[list[ProgramResult], list[str]]:
+) -> tuple[list[ProgramResult], list[str], dict[str, Any]]:
     """Compiles the programs in order; one that takes the outputs of a program that did not fit
-    is skipped (and said so)."""
+    is skipped (and said so). Returns their results, notes and abstract outputs by name."""
     results, outputs, notes = [], {}, []
     for program in programs:
         try:
@@ -293,7 +294,7 @@ def _compile_all(
             notes.append(f"{r.name}: {r.uncounted_kernels} Pallas kernel(s) whose FLOPs are not counted")
         if r.dense_kernel_masks:
             notes.append(f"{r.name}: {r.dense_kernel_masks} splash kernel(s) counted at every block (mask not read)")
-    return results, notes
+    return results, notes, outputs
 
 
 def _result(
@@ -375,6 +376,57 @@ def _result(
     )
 
 
+def _capacity(
+    cfg: ModelConfig,
+    topo: Topology,
+    mesh: dict[str, int],
+    results: list[ProgramResult],
+    outputs: dict[str, Any],
+    rows: int,
+    prompt_len: int,
+    budget: int,
+    options: CapacityOptions,
+    group_size: int,
+    reserve: int,
+) -> tuple[Capacity | None, list[str]]:
+    """The capacity section from the compiled decode program (`aot.capacity.capacity`), or why not:
+    its per-chip peak, and its state's keys and values and the rest, as its shardings place them."""
+    import jax.numpy as jnp
+
+    from magistral_jax.aot import capacity as C
+    from magistral_jax.aot.programs import param_counts
+
+    lengths = C.parse_lengths(options.lengths, budget)  # refuses a bad spec even when nothing fits
+    decode = next((r for r in results if r.name == "decode"), None)
+    if decode is None or not decode.fits:
+        return None, ["capacity: the decode program does not fit, so nothing grounds a capacity figure"]
+    state = outputs["decode"]  # the decode state it hands back: the one it took, donated
+    kv = per_chip_bytes((state.cache.k, state.cache.v))
+    t = cfg.text
+    result = C.capacity(
+        lengths=lengths,
+        prompt_len=prompt_len,
+        n_layers=t.n_layers,
+        n_kv_heads=t.n_kv_heads,
+        head_dim=t.head_dim,
+        cache_itemsize=jnp.dtype(cfg.dtype).itemsize,
+        weight_bytes=param_counts(cfg)[1] * jnp.dtype(cfg.param_dtype).itemsize,
+        rules=cfg.rules,
+        mesh=mesh,
+        hbm_bytes=topo.chip.hbm_bytes,
+        hbm_bandwidth=topo.chip.hbm_bandwidth,
+        decode_rows=rows,
+        decode_peak_bytes=decode.step_peak_bytes,
+        decode_cache_bytes=kv,
+        decode_row_bytes=per_chip_bytes(state) - kv,
+        attention_block=cfg.attention_block,
+        page_size=options.page_size,
+        group_size=group_size,
+        reserve=reserve,
+    )
+    return result, []
+
+
 def _mesh_sizes(mesh: str | dict[str, int] | None, chips: int) -> dict[str, int]:
     from magistral_jax.sharding import parse_mesh
 
@@ -413,6 +465,7 @@ def plan(
     prompt_len: int | None = None,
     chunk: int = LOGPROB_CHUNK,
     dump_hlo: str | None = None,
+    capacity: CapacityOptions | None = None,
 ) -> PlanResult:
     """Compiles `task` (`grpo`: one train step on one microbatch of `batch` sequences of `seq_len`
     tokens, with a default run config's objective and optimizer; `sample`: prefill and decode of
@@ -430,7 +483,10 @@ def plan(
       prompt_len: `sample` only: prompt tokens (default min(1024, seq_len / 2)).
       chunk: `grpo` only: sequence chunk of the log-probability head.
       dump_hlo: a directory to write each program's optimized HLO to (`<program>.hlo.txt`).
+      capacity: `sample` only: the capacity section's length distribution, page size, group
+        size and reserve (`aot.capacity`; default: its defaults).
     """
+    from magistral_jax.aot import capacity as C
     from magistral_jax.aot import programs as A
     from magistral_jax.config import REMAT_POLICIES
     from magistral_jax.sampling.strategies import MAGISTRAL
@@ -475,8 +531,25 @@ def plan(
             cfg, jmesh, A.abstract_params(cfg, jmesh), batch, prompt, seq_len - prompt, 1, MAGISTRAL, (2,)
         )
         sample = (batch * (seq_len - prompt), 2.0 * matmul_params * batch * seq_len)
-    results, compile_notes = _compile_all(programs, topo, dump_hlo)
-    return _result(
+    results, compile_notes, outputs = _compile_all(programs, topo, dump_hlo)
+    cap = None
+    if task == "sample":
+        options = capacity or CapacityOptions()
+        cap, cap_notes = _capacity(
+            cfg,
+            topo,
+            sizes,
+            results,
+            outputs,
+            batch,
+            prompt,
+            seq_len - prompt,
+            options,
+            C.DEFAULT_GROUP_SIZE if options.group_size is None else options.group_size,
+            C.DEFAULT_RESERVE if options.reserve is None else options.reserve,
+        )
+        compile_notes += cap_notes
+    result = _result(
         cfg,
         task,
         "flags",
@@ -493,6 +566,8 @@ def plan(
         False,
         notes + compile_notes,
     )
+    result.capacity = cap
+    return result
 
 
 def plan_run(
@@ -502,22 +577,43 @@ def plan_run(
     source: str = "",
     prompt_len: int | None = None,
     dump_hlo: str | None = None,
+    capacity: CapacityOptions | None = None,
 ) -> PlanResult:
     """Plans one step of the run config `run` (a `train.config.RunConfig`) on the named TPU slice:
     the programs `train` would compile for it (`aot.programs.run_programs`), on the slice's
     chips split as the run's mesh. `prompt_len`: the longest GRPO prompt to assume (default the
-    run's `async_rl.max_prompt_len`)."""
+    run's `async_rl.max_prompt_len`). A GRPO run's plan has a capacity section (`capacity`: its
+    length distribution and page size; group size and reserve default to the run's `group_size`
+    and `async_rl.chunk`)."""
     from magistral_jax.aot.programs import param_counts, run_programs
 
     topo = topology(topology_name)
     step = run_programs(run, topology_devices(topology_name), prompt_len)
     _, matmul_params = param_counts(step.cfg)
-    results, notes = _compile_all(step.programs, topo, dump_hlo)
+    results, notes, outputs = _compile_all(step.programs, topo, dump_hlo)
     train = step.programs[-1].mesh
     mesh = {a: int(train.shape.get(a, 1)) for a in ("data", "fsdp", "tensor")}
     trained = step.train.tokens
     sample = (step.generated_tokens, 2.0 * matmul_params * step.processed_tokens) if step.generated_tokens else None
-    return _result(
+    cap = None
+    if run.kind == "grpo":
+        options = capacity or CapacityOptions()
+        decode = next(p for p in step.programs if p.name == "decode")
+        cap, cap_notes = _capacity(
+            step.cfg,
+            topo,
+            {a: int(decode.mesh.shape.get(a, 1)) for a in ("data", "fsdp", "tensor")},
+            results,
+            outputs,
+            step.decode_rows,
+            prompt_len or run.async_rl.max_prompt_len,
+            run.grpo.max_new_tokens,
+            options,
+            run.grpo.group_size if options.group_size is None else options.group_size,
+            run.async_rl.chunk if options.reserve is None else options.reserve,
+        )
+        notes += cap_notes
+    result = _result(
         step.cfg,
         run.kind,
         source,
@@ -534,3 +630,5 @@ def plan_run(
         step.overlapped,
         step.notes + notes,
     )
+    result.capacity = cap
+    return result

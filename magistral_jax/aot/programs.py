@@ -397,6 +397,7 @@ class RunPrograms:
     processed_tokens: int  # tokens they run the model over (prompts and completions)
     overlapped: bool  # sampling runs beside training (asynchronous), not before it
     notes: list[str]
+    decode_rows: int = 0  # rows of the decode program (0: no sampling)
 
 
 def run_programs(
@@ -464,7 +465,7 @@ def run_programs(
         run.logprob_chunk,
         shape,
     )
-    generated = processed = 0
+    generated = processed = decode_rows = 0
     if run.kind == "grpo":
         sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         stop_ids = (_eos(run),)
@@ -488,6 +489,7 @@ def run_programs(
             )
             generated = n_batch * g.max_new_tokens
             processed = generated + n_batch * prompt_len  # every request prefilled on its own
+            decode_rows = a.slots or n_batch
         else:
             programs = (
                 sampler_programs(
@@ -506,6 +508,7 @@ def run_programs(
             )
             generated = g.prompts_per_step * g.group_size * g.max_new_tokens
             processed = generated + g.prompts_per_step * prompt_len  # one prefill serves a group
+            decode_rows = g.prompts_per_step * g.group_size
     return RunPrograms(
         cfg,
         programs,
@@ -516,6 +519,7 @@ def run_programs(
         processed,
         run.kind == "grpo" and a.enabled,
         notes,
+        decode_rows,
     )
 
 

@@ -30,6 +30,19 @@ Two forms:
     a quick question: one train step on one microbatch (a default run config's objective and
     optimizer), or the sampler (--task sample).
 
+For the sampler (--task sample, and a GRPO recipe's generator) a capacity section says how many
+sequences the generator holds at once with today's contiguous KV cache (every slot reserves the
+padded prompt plus the whole budget) and with a paged one (pages held as the tokens grow, a
+group's prompt pages shared, freed when a sequence ends), for completion lengths drawn from a
+distribution (--lengths) over the budget (--seq-len minus --prompt-len; a recipe's
+grpo.max_new_tokens): expected pages per sequence in flight, counted length-biased (long
+sequences are in flight longer), exact sums, no sampling. The HBM free for the rows is every
+chip's minus what the compiled decode program needs besides its rows' state (its cache, logits,
+output buffers; a row takes its keys and values plus the rest of that state). It also gives each
+cache's decode-step HBM traffic (weights once plus the keys and values read; the contiguous cache
+reads every row up to the longest) and the tokens/s it implies at the chips' HBM bandwidth (a
+roofline estimate).
+
 The time is a ROOFLINE ESTIMATE, not a measurement: per program, max(FLOPs / peak bf16 FLOP/s,
 HBM bytes / HBM bandwidth) per chip at the chip's published figures (v4 275 TFLOP/s, 32 GiB,
 1200 GB/s; v5e 197, 16 GiB, 819 GB/s; v5p 459, 95 GiB, 2765 GB/s; v6e 918, 32 GiB, 1638 GB/s),
@@ -43,6 +56,7 @@ GiB = 2**30
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from magistral_jax.aot import capacity as C
     from magistral_jax.aot.planner import DEFAULT_PROMPT_LEN
     from magistral_jax.aot.topologies import TOPOLOGIES
 
@@ -123,6 +137,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         "power of two) and, for grpo, every remat policy; print them all and the fastest estimate that fits "
         "(skipping those that need more memory than one that did not fit); exit 1 if none fits",
     )
+    c = p.add_argument_group("the capacity section (--task sample, a GRPO recipe)")
+    families = "; ".join(f"{name}: {f.help} (default mean {f.default_fraction:.3g})" for name, f in C.LENGTHS.items())
+    c.add_argument(
+        "--lengths",
+        metavar="NAME[:MEAN_FRACTION]",
+        help=f"the completion lengths, over 1..budget, with their mean as a fraction of the budget; "
+        f"default {C.DEFAULT_LENGTHS} (a mean of a third of the budget, the paper's 5x spread); {families}",
+    )
+    c.add_argument(
+        "--page-size",
+        type=int,
+        default=C.DEFAULT_PAGE_SIZE,
+        help="tokens per page of the paged cache (default %(default)s)",
+    )
+    c.add_argument(
+        "--group-size",
+        type=int,
+        help=f"samples per prompt sharing its full prompt pages (default: a recipe's grpo.group_size, else "
+        f"{C.DEFAULT_GROUP_SIZE})",
+    )
+    c.add_argument(
+        "--reserve",
+        type=int,
+        help=f"tokens of headroom a sequence is admitted with and holds, in whole pages (default: a recipe's "
+        f"async_rl.chunk, else {C.DEFAULT_RESERVE}: one decode chunk)",
+    )
     p.add_argument("--dump-hlo", metavar="DIR", help="write each compiled program's optimized HLO text to DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object (bytes, FLOPs, seconds) instead of text")
     p.set_defaults(run=run)
@@ -161,9 +201,11 @@ def run(args: argparse.Namespace) -> int:
             pass  # backends already initialised: keep them
 
     from magistral_jax.aot import planner, search
+    from magistral_jax.aot.capacity import CapacityOptions
     from magistral_jax.aot.topologies import topology
 
     topology(args.topology)  # refuses an unknown name before anything is compiled
+    capacity = CapacityOptions(args.lengths, args.page_size, args.group_size, args.reserve)
     if is_run_config(args.config):
         flags = [f"--{n.replace('_', '-')}" for n in ("task", "batch", "seq_len", "mesh", "remat", "param_dtype")]
         given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None]
@@ -178,7 +220,12 @@ def run(args: argparse.Namespace) -> int:
 
         recipe = load_run_config(args.config, args.overrides)
         result = planner.plan_run(
-            recipe, args.topology, source=args.config, prompt_len=args.prompt_len, dump_hlo=args.dump_hlo
+            recipe,
+            args.topology,
+            source=args.config,
+            prompt_len=args.prompt_len,
+            dump_hlo=args.dump_hlo,
+            capacity=capacity,
         )
         print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
         return 0
@@ -194,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         attention_block=args.attention_block,
         prompt_len=args.prompt_len,
         dump_hlo=args.dump_hlo,
+        capacity=capacity,
     )
     if args.search:
         if args.mesh or args.remat:
@@ -337,8 +385,38 @@ def format_plan(r) -> str:
                 f"{r.tokens_per_s:,.0f} tokens/s, MFU {100 * r.mfu:.1f}%"
             )
         lines.append(f"result: fits, peak {_gib(r.peak_bytes)} of {_gib(r.hbm_capacity_bytes)} GiB per chip")
+    if r.capacity is not None:
+        lines.extend(format_capacity(r.capacity))
     lines.extend(f"note: {n}" for n in r.notes)
     return "\n".join(lines)
+
+
+def format_capacity(c) -> list[str]:
+    """The capacity section (`aot.capacity.Capacity`) of the text report."""
+    ratio = f"{c.ratio:.2f}x" if c.ratio is not None else "no contiguous sequence fits"
+    lines = [
+        f"capacity (sequences at once on the {c.chips} generator chips, mesh {mesh_text(c.mesh)}): completions "
+        f"{c.lengths} of a {c.budget:,}-token budget (mean {c.mean_length:,.0f} tokens, {c.mean_fraction:.3f} of "
+        f"it), prompts of {c.prompt_len:,}; paged: pages of {c.page_size}, groups of {c.group_size} sharing their "
+        f"prompt pages, a reserve of {c.reserve} tokens",
+        f"  KV cache {c.kv_bytes_per_token / 1024:,.1f} KiB per token, each byte on {c.cache_replication} chip(s), "
+        f"and {_si(c.row_bytes, 'B')} of other state per row; free for the rows: {_gib(c.free_bytes)} GiB (every "
+        f"chip's HBM minus the decode program's "
+        f"{_gib(c.decode_peak_bytes - c.decode_cache_bytes - c.decode_row_bytes)} GiB per chip besides its rows' "
+        f"state, compiled for {c.decode_rows} rows)",
+    ]
+    for name, k, what in (
+        ("contiguous", c.contiguous, "slots reserved"),
+        ("paged", c.paged, "tokens' pages held on average in flight"),
+    ):
+        lines.append(
+            f"  {name}: {k.tokens_per_sequence:,.0f} {what} = {_gib(k.bytes_per_sequence)} GiB per sequence -> "
+            f"{k.sequences:,} sequences; decode step reads {_si(k.step_bytes, 'B')} (weights "
+            f"{_si(c.weight_bytes, 'B')}, KV {_si(k.kv_read_bytes, 'B')}) -> {k.tokens_per_s:,.0f} tokens/s "
+            "(roofline estimate)"
+        )
+    lines.append(f"  paged / contiguous: {ratio} the sequences at once")
+    return lines
 
 
 def format_search(candidates, best) -> str:

@@ -104,6 +104,7 @@ def test_plan_compiles_the_programs_a_grpo_step_runs(recipe, one_step):
     # step packed 6 to a row.
     assert len(calls["gradients"]) == 2 and step.train.microbatches == 8
     assert step.programs[names.index("decode")].executions == recipe.grpo.max_new_tokens
+    assert step.decode_rows == 4 * 8  # the capacity section's compiled rows: prompts x group size
     outputs = {}
     for program in step.programs:
         compiled, outputs[program.name] = A.compile_program(program, outputs)
