@@ -376,15 +376,24 @@ def paged_attention(
     *,
     q_positions: Int[Array, "B T"],
     pages_per_block: int,
+    impl: str = "auto",
+    rules: Rules = DEFAULT_RULES,
     scale: float | None = None,
 ) -> Float[Array, "B T N K"]:
     """Causal attention of the new queries over `layer` of a paged KV cache (`PagedKVCache`:
-    pools [P, L, G, S, K] of S-token pages, row b's j-th page `page_table[b, j]`), portable: a loop
-    over blocks of `pages_per_block` table entries with a dynamic trip count (the longest row's
-    pages), gathering each block's pages for every row, so a decode step reads the pages rows
-    hold, not the table's width. Row b's slot t (page t // S, offset t % S) holds position t;
-    slots at or past `lengths[b]` are empty. M must be a multiple of `pages_per_block`."""
+    pools [P, L, G, S, K] of S-token pages, row b's j-th page `page_table[b, j]`). Row b's slot t
+    (page t // S, offset t % S) holds position t; slots at or past `lengths[b]` are empty.
+
+    Implementations: `splash` (and `auto` on TPU), for one new token per row, the Pallas kernel
+    of `model.paged_pallas` (ragged: a row reads its own pages only; in a `shard_map` over the
+    context mesh, rows over the batch axes and kv heads over `tensor`; off TPU in Pallas'
+    interpreter, for tests); otherwise the portable one: a loop over blocks of
+    `pages_per_block` table entries with a dynamic trip count (the longest row's pages),
+    gathering each block's pages for every row (an entry a row does not hold names the null
+    page). M must be a multiple of `pages_per_block`."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[1] == 1 and (impl == "splash" or (impl == "auto" and _platform() == "tpu")):
+        return _paged_pallas(q, k_pages, v_pages, layer, page_table, lengths, scale, rules)
     b, t, n, d = q.shape
     g, size = k_pages.shape[2], k_pages.shape[3]
     per_block = pages_per_block * size
@@ -404,6 +413,33 @@ def paged_attention(
     m, denom, acc = jax.lax.fori_loop(0, n_blocks, body, _online_softmax_init(b, g, n // g, t, d))
     out, _ = _online_softmax_finish(m, denom, acc)
     return jnp.einsum("bgrtk->btgrk", out).reshape(b, t, n, d).astype(q.dtype)
+
+
+def _paged_pallas(q, k_pages, v_pages, layer, page_table, lengths, scale, rules):
+    from magistral_jax.model.paged_pallas import paged_decode_attention
+
+    def local(q, k_pages, v_pages, layer, page_table, lengths):
+        out = paged_decode_attention(
+            q[:, 0], k_pages, v_pages, layer, page_table, lengths, scale=scale, interpret=_platform() != "tpu"
+        )
+        return out[:, None]
+
+    layer = jnp.asarray(layer, jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k_pages, v_pages, layer, page_table, lengths)
+    sizes_of = dict(mesh.shape)
+    batch = logical_to_spec(("batch",), rules, (q.shape[0],), sizes_of)[0]
+    heads = logical_to_spec(("act_kv_heads",), rules, (k_pages.shape[2],), sizes_of)[0]
+    spec = jax.sharding.PartitionSpec
+    pool = spec(None, None, heads, None, None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec(batch, None, heads, None), pool, pool, spec(), spec(batch, None), spec(batch)),
+        out_specs=spec(batch, None, heads, None),
+        check_vma=False,
+    )(q, k_pages, v_pages, layer, page_table, lengths)
 
 
 # ------------------------------------------------------------------------------------------------

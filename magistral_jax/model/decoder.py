@@ -355,6 +355,8 @@ def _paged_layers(params, x, cfg: ModelConfig, angles, positions, valid, cache: 
                 new_lengths,
                 q_positions=positions,
                 pages_per_block=per_block,
+                impl=cfg.attention,
+                rules=cfg.rules,
             )
             return out, k_all, v_all
 

@@ -2,6 +2,9 @@
 paged batcher against the contiguous one (itself checked against transformers and teacher forcing):
 same tokens, same log-probabilities, groups sharing their prompt's pages, preemption losing nothing."""
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +61,24 @@ def test_paged_attention_reads_each_rows_pages_through_its_table():
         pages_per_block=2,
     )
     want = _dense_paged_oracle(q, k_pages, v_pages, 2, table, lengths, q_positions)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("mesh", [None, dict(data=2, tensor=2)], ids=["one-device", "data2-tensor2"])
+def test_the_pallas_kernel_serves_a_decode_step_like_the_portable_path(mesh):
+    """`paged_attention(impl="splash")`: one new token per row through the Pallas kernel (in its
+    interpreter here), rows over the batch axes and kv heads over tensor inside a mesh."""
+    rng = np.random.default_rng(1)
+    size, g, n, d = 4, 2, 8, 16
+    k_pages, v_pages = (rng.normal(size=(12, 2, g, size, d)).astype(np.float32) for _ in range(2))
+    lengths = np.array([1, 4, 5, 10], np.int32)
+    table = np.array([[3, 9, 9, 9], [5, 1, 2, 7], [6, 8, 11, 4], [6, 10, 2, 1]], np.int32)
+    q = rng.normal(size=(4, 1, n, d)).astype(np.float32)
+    args = [jnp.asarray(x) for x in (q, k_pages, v_pages)] + [jnp.int32(1), jnp.asarray(table), jnp.asarray(lengths)]
+    kw = dict(q_positions=jnp.asarray(lengths[:, None] - 1), pages_per_block=2, impl="splash")
+    with jax.set_mesh(mj.make_mesh(**mesh)) if mesh else contextlib.nullcontext():
+        got = jax.jit(lambda *a: paged_attention(*a, **kw))(*args)
+    want = _dense_paged_oracle(q, k_pages, v_pages, 1, table, lengths, lengths[:, None] - 1)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
