@@ -57,6 +57,7 @@ MODULES: dict[str, list[str]] = {
         "tests/train/test_step.py::test_each_finite_update_advances_the_schedule_by_one_step",
         "tests/train/test_step.py::test_an_update_with_a_finite_loss_but_a_non_finite_gradient_is_skipped",
         "tests/train/test_step.py::test_default_optimizer_is_adamw_with_dapos_clipping_and_no_warmup",
+        "tests/train/test_step.py::test_the_default_objective_clips_at_dapos_bounds",
         "tests/train/test_step.py::test_the_entropy_of_a_single_trained_token_is_its_own",
         "tests/train/test_step.py::test_a_steps_compile_time_is_what_the_compile_clock_advanced_during_it",
         "tests/train/test_step.py::test_a_multi_process_trainer_places_rows_on_its_models_mesh",
@@ -198,6 +199,11 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
         "shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)",
         "core/NumberReplacer",
     ): "how many optimizers the cache keeps: a speed, not a result",
+    (
+        "train/step.py",
+        "first = jax.tree.leaves(shardings)[0]",
+        "core/NumberReplacer",
+    ): "which parameter's sharding names the mesh: every parameter is on the same mesh (or the same device)",
     (
         "sampling/strategies.py",
         "before = jnp.cumsum(probs, axis=-1) - probs",

@@ -205,6 +205,9 @@ def test_schedule_warmup_and_cosine():
     np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 4)], [0.2, 0.6, 1.0], rtol=1e-6)
     np.testing.assert_allclose(float(schedule(9)), 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way through the decay
     np.testing.assert_allclose(float(schedule(14)), 0.1, rtol=1e-6)
+    # A decay of one step (the run one update longer than its warmup) reaches the floor at once.
+    _, short = make_optimizer(OptimizerConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1), 3)
+    np.testing.assert_allclose([float(short(s)) for s in (2, 3)], [1.0, 0.1], rtol=1e-6)
     with pytest.raises(ValueError, match=r"optimizer\.schedule"):
         OptimizerConfig(schedule="linear")
 
@@ -274,6 +277,23 @@ def test_default_optimizer_is_adamw_with_dapos_clipping_and_no_warmup():
             want[k] = want[k] - 1e-6 * step
         for k in want:
             np.testing.assert_allclose(np.asarray(params[k]) - p[k], want[k] - p[k], rtol=2e-3, atol=1e-12)
+
+
+def test_the_default_objective_clips_at_dapos_bounds():
+    """Objective() trains with DAPO's clip-higher bounds, 1 - 0.2 and 1 + 0.28 (the script values in
+    reference/magistral-rl-recipe.md, which Magistral keeps): a token whose ratio to pi_old is just
+    inside a bound carries a gradient, just outside it none (hand-worked, one token each)."""
+    model = mj.init_model(_cfg(dtype="float32", param_dtype="float32"), 11)
+    prompt, answer = [5, 17, 33, 2], [71]
+    logits = np.asarray(model.logits(np.array([prompt + answer])), np.float64)[0, len(prompt) - 1]
+    logp = float(logits[71] - logits.max() - np.log(np.exp(logits - logits.max()).sum()))
+    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(), total_steps=1, chunk=8)
+    for ratio, advantage, clipped in ((0.81, -1.0, False), (0.79, -1.0, True), (1.27, 1.0, False), (1.29, 1.0, True)):
+        item = Item(prompt + answer, len(prompt), 1.0, advantage, [logp - np.log(ratio)])
+        grads, _, sums = trainer.gradients(pack([item], row_len=8, rows=1).microbatches)
+        norm = float(optax.tree.norm(grads))
+        assert (norm == 0.0) == clipped, (ratio, norm)
+        assert sums["clip_low" if advantage < 0 else "clip_high"] == float(clipped)
 
 
 def test_the_entropy_of_a_single_trained_token_is_its_own():
