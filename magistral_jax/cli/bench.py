@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--steps", type=int, default=14, help="GRPO steps per mode (default 14)")
     r.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing (default 4)")
+    r.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the three modes, alternating (default 3; medians reported)"
+    )
     r.add_argument("--json", action="store_true", help="print the results as one JSON object")
     t.set_defaults(run=run_train)
     r.set_defaults(run=run_rl)
@@ -468,10 +471,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_rl(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup or args.warmup < 1:
         raise ValueError("bench rl: 1 <= --warmup < --steps expected")
+    if args.rounds < 1:
+        raise ValueError("bench rl: --rounds must be >= 1")
     from magistral_jax.cli.devices import simulate_devices
 
     simulate_devices(8)
     import jax
+    import numpy as np
 
     from magistral_jax.sampling.sampler import cache_shape
     from magistral_jax.train.config import load_run_config
@@ -482,54 +488,77 @@ def run_rl(args: argparse.Namespace) -> int:
         raise ValueError(f"{config}: not found (bench rl runs from a source checkout)")
     if len(jax.devices()) < 8:
         raise ValueError(f"bench rl needs 8 devices, {len(jax.devices())} here")
-    results: dict = {"machine": _machine(), "devices": len(jax.devices()), "steps": args.steps, "warmup": args.warmup}
+    results: dict = {
+        "machine": _machine(),
+        "devices": len(jax.devices()),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+    }
+    base = load_run_config(config, [])
+    a, g = base.async_rl, base.grpo
+    contiguous_tokens = a.slots * cache_shape(a.max_prompt_len, g.max_new_tokens)[1]
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = load_run_config(config, [])
-        a, g = base.async_rl, base.grpo
-        contiguous_tokens = a.slots * cache_shape(a.max_prompt_len, g.max_new_tokens)[1]
-        for mode in ("sync", "async", "paged"):
-            overrides = [f"run_dir={os.path.join(tmp, mode)}", f"steps={args.steps}", f"checkpoint_every={args.steps}"]
-            if mode == "sync":
-                overrides += ["async_rl.enabled=false", "mesh=fsdp=8"]
-            if mode == "paged":
-                # The contiguous cache's memory as a pool of pages, decoding every completion the
-                # queue bound lets out at once.
-                overrides += [
-                    "async_rl.cache=paged",
-                    "async_rl.page_size=16",
-                    f"async_rl.pool_tokens={contiguous_tokens}",
-                    f"async_rl.slots={int(a.max_async_ratio * g.prompts_per_step * g.group_size)}",
-                ]
-            cfg = load_run_config(config, overrides)
-            rows: list[dict] = []
-            run(cfg, progress=not args.json, on_step=lambda step, m, rows=rows: rows.append(dict(m)))
-            timed = rows[args.warmup :]
-            seconds = sum(m["time_step"] for m in timed)
-            completions = len(timed) * cfg.grpo.prompts_per_step * cfg.grpo.group_size
-            results[mode] = {
-                "completions_per_s": round(completions / seconds, 2),
-                "step_s": round(seconds / len(timed), 3),
-                "completion_len_mean": round(sum(m["completion_len_mean"] for m in rows) / len(rows), 1),
-                "reward_curve": [round(m["reward_mean"], 4) for m in rows],
-            }
-            if mode != "sync":
-                results[mode].update(
-                    slots=cfg.async_rl.slots,
-                    generator_tokens_per_s=round(sum(m["generator_tokens_per_s"] for m in timed) / len(timed), 1),
-                    policy_lag_mean=round(sum(m["policy_lag_mean"] for m in timed) / len(timed), 2),
-                    policy_lag_max=max(m["policy_lag_max"] for m in timed),
-                    weight_push_s=round(max(m["weight_push_s"] for m in timed), 4),
-                    trainer_utilisation=round(sum(m["trainer_utilisation"] for m in timed) / len(timed), 2),
-                )
-    results["ratio"] = round(results["async"]["completions_per_s"] / results["sync"]["completions_per_s"], 2)
-    results["paged_generation_ratio"] = round(
-        results["paged"]["generator_tokens_per_s"] / results["async"]["generator_tokens_per_s"], 2
-    )
+        for index in range(args.rounds):
+            # The modes alternate round by round, so that a change of the machine's load between
+            # two runs weighs on every mode alike; each figure is the median over the rounds.
+            rounds.append({})
+            for mode in ("sync", "async", "paged"):
+                run_dir = os.path.join(tmp, f"{mode}-{index}")
+                overrides = [f"run_dir={run_dir}", f"steps={args.steps}", f"checkpoint_every={args.steps}"]
+                if mode == "sync":
+                    overrides += ["async_rl.enabled=false", "mesh=fsdp=8"]
+                if mode == "paged":
+                    # The contiguous cache's memory as a pool of pages, decoding every completion the
+                    # queue bound lets out at once.
+                    overrides += [
+                        "async_rl.cache=paged",
+                        "async_rl.page_size=16",
+                        f"async_rl.pool_tokens={contiguous_tokens}",
+                        f"async_rl.slots={int(a.max_async_ratio * g.prompts_per_step * g.group_size)}",
+                    ]
+                cfg = load_run_config(config, overrides)
+                rows: list[dict] = []
+                run(cfg, progress=not args.json, on_step=lambda step, m, rows=rows: rows.append(dict(m)))
+                timed = rows[args.warmup :]
+                seconds = sum(m["time_step"] for m in timed)
+                completions = len(timed) * cfg.grpo.prompts_per_step * cfg.grpo.group_size
+                out = rounds[-1][mode] = {
+                    "completions_per_s": completions / seconds,
+                    "step_s": seconds / len(timed),
+                    "completion_len_mean": sum(m["completion_len_mean"] for m in rows) / len(rows),
+                    "reward_curve": [round(m["reward_mean"], 4) for m in rows],
+                }
+                if mode != "sync":
+                    out.update(
+                        slots=cfg.async_rl.slots,
+                        generator_tokens_per_s=sum(m["generator_tokens_per_s"] for m in timed) / len(timed),
+                        policy_lag_mean=sum(m["policy_lag_mean"] for m in timed) / len(timed),
+                        policy_lag_max=max(m["policy_lag_max"] for m in timed),
+                        weight_push_s=max(m["weight_push_s"] for m in timed),
+                        trainer_utilisation=sum(m["trainer_utilisation"] for m in timed) / len(timed),
+                    )
+    for mode in ("sync", "async", "paged"):
+        per_round = [r[mode] for r in rounds]
+        results[mode] = {
+            k: round(float(np.median([r[k] for r in per_round])), 4) for k in per_round[0] if k != "reward_curve"
+        }
+        results[mode]["reward_curve"] = per_round[-1]["reward_curve"]
+    ratios = [r["async"]["completions_per_s"] / r["sync"]["completions_per_s"] for r in rounds]
+    paged = [r["paged"]["generator_tokens_per_s"] / r["async"]["generator_tokens_per_s"] for r in rounds]
+    results["ratio_per_round"] = [round(x, 2) for x in ratios]
+    results["ratio"] = round(float(np.median(ratios)), 2)
+    results["paged_generation_ratio_per_round"] = [round(x, 2) for x in paged]
+    results["paged_generation_ratio"] = round(float(np.median(paged)), 2)
     results["contiguous_cache_tokens"] = contiguous_tokens
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"machine: {results['machine']}; 8 devices; {args.steps} steps per mode, the first {args.warmup} untimed")
+        print(
+            f"machine: {results['machine']}; 8 devices; {args.steps} steps per mode, the first {args.warmup} untimed; "
+            f"{args.rounds} rounds of the three modes, alternating: medians"
+        )
         for mode in ("sync", "async", "paged"):
             r = results[mode]
             print(
@@ -537,14 +566,15 @@ def run_rl(args: argparse.Namespace) -> int:
             )
         a = results["async"]
         print(
-            f"async / sync: {results['ratio']}x; policy lag mean {a['policy_lag_mean']} max {a['policy_lag_max']}; "
+            f"async / sync: {results['ratio']}x (per round {results['ratio_per_round']}); "
+            f"policy lag mean {a['policy_lag_mean']} max {a['policy_lag_max']}; "
             f"weight push <= {a['weight_push_s']} s; trainer busy {100 * a['trainer_utilisation']:.0f}% of the time"
         )
         p = results["paged"]
         print(
             f"generation, same cache memory ({contiguous_tokens} tokens): contiguous {a['slots']} slots "
             f"{a['generator_tokens_per_s']} tokens/s, paged {p['slots']} slots {p['generator_tokens_per_s']} "
-            f"tokens/s: {results['paged_generation_ratio']}x"
+            f"tokens/s: {results['paged_generation_ratio']}x (per round {results['paged_generation_ratio_per_round']})"
         )
     return 0
 

@@ -161,17 +161,17 @@ def prefill_pages(params, cache: decoder.PagedKVCache, prompts, lengths, pages, 
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def start_paged_rows(state: DecodeState, slots, lengths, last, copy_from, copy_to, limits, seeds, version):
+def start_paged_rows(state: DecodeState, slots, source, lengths, last, copy_from, copy_to, limits, seeds, version):
     """The paged cache's row start program: rows `slots` [R] start on prompts of `lengths` [R]
-    with next-token logits `last` [R, V]; each first copies its prompt's partly filled last page
-    from page `copy_from` [R] to its own page `copy_to` (an out-of-range page: no copy), where it
-    writes its own tokens on."""
+    whose next-token logits are `last[source]` (`last` [U, V] from `prefill_pages`); each first
+    copies its prompt's partly filled last page from page `copy_from` [R] to its own page
+    `copy_to` (an out-of-range page: no copy), where it writes its own tokens on."""
     cache = state.cache
     copy = lambda pool: pool.at[copy_to].set(pool[jnp.minimum(copy_from, pool.shape[0] - 1)], mode="drop")  # noqa: E731
     cache = dataclasses.replace(
         cache, k=copy(cache.k), v=copy(cache.v), lengths=cache.lengths.at[slots].set(lengths, mode="drop")
     )
-    return _start_rows(state, cache, slots, last, limits, seeds, version)
+    return _start_rows(state, cache, slots, last[source], limits, seeds, version)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -399,8 +399,8 @@ class ContinuousBatcher:
                 copy_from[i] = prompt_pages[u][full]
                 pool.hold(slot, own)
         _, lengths, limits, seeds, rows_slots = self._rows(requests, slots, rows)
-        # Distinct prompts padded to a power of two (not to 8 rows: a group's prefill is one row).
-        prompts = np.zeros((1 << (len(distinct) - 1).bit_length(), self.width), np.int32)
+        # Distinct prompts padded as the rows are (a power of two, at least 8: few programs).
+        prompts = np.zeros((insert_rows(len(distinct), len(self.occupant)), self.width), np.int32)
         prompt_lengths = np.ones(len(prompts), np.int32)
         pages = np.full((len(prompts), self.width // size), n_pages, np.int32)
         for prompt, u in distinct.items():
@@ -418,8 +418,9 @@ class ContinuousBatcher:
             self.state = start_paged_rows(
                 dataclasses.replace(self.state, cache=cache),
                 jnp.asarray(rows_slots),
+                jnp.asarray(source),
                 jnp.asarray(lengths),
-                jnp.take(last, jnp.asarray(source), axis=0),
+                last,
                 jnp.asarray(copy_from),
                 jnp.asarray(copy_to),
                 jnp.asarray(limits),
@@ -498,7 +499,9 @@ class ContinuousBatcher:
         ended = np.flatnonzero(busy & ~live)
         if not len(ended):
             return []
-        index = jnp.asarray(ended)
+        # The ended rows' buffers, gathered on the device; their count padded to a power of two
+        # (repeating a row) so that the gathers compile for a few shapes only.
+        index = jnp.asarray(np.pad(ended, (0, (1 << (len(ended) - 1).bit_length()) - len(ended)), mode="edge"))
         tokens, logprobs, raw, versions = (
             to_host(getattr(self.state, name)[index]) for name in ("tokens", "logprobs", "raw_logprobs", "versions")
         )

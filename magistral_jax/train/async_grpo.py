@@ -6,8 +6,9 @@ The devices are split into two disjoint sets (`async_rl.generator_devices` then
 - The generator (a thread) decodes `async_rl.slots` sequences at once with a
   `ContinuousBatcher`: every `async_rl.chunk` decode steps, finished sequences leave their slot and
   new prompts take it. Its KV cache is contiguous or paged (`async_rl.cache`); a paged batcher
-  admits a group's samples as its pages allow and hands the others back to wait. When all samples of a group have finished, the group goes to a verifier
-  thread (which scores it with the run's reward pool) and then into the queue.
+  admits a group's samples as its pages allow and hands the others back to wait. When all
+  samples of a group have finished, the group goes to a verifier thread (which scores it with the
+  run's reward pool) and then into the queue.
 - The trainer (the calling thread) takes scored groups from the queue, oldest first, until it holds
   `prompts_per_step` groups with signal (for variants that drop the others; at most `max_draws x
   prompts_per_step` groups a step), trains on them exactly as the synchronous step does
