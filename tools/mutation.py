@@ -58,6 +58,8 @@ MODULES: dict[str, list[str]] = {
         "tests/train/test_step.py::test_an_update_with_a_finite_loss_but_a_non_finite_gradient_is_skipped",
         "tests/train/test_step.py::test_default_optimizer_is_adamw_with_dapos_clipping_and_no_warmup",
         "tests/train/test_step.py::test_the_default_objective_clips_at_dapos_bounds",
+        "tests/train/test_step.py::test_a_trainer_stops_at_the_run_configs_default_of_non_finite_updates_in_a_row",
+        "tests/train/test_step.py::test_the_objective_of_a_run_samples_and_trains_at_its_temperature",
         "tests/train/test_step.py::test_the_entropy_of_a_single_trained_token_is_its_own",
         "tests/train/test_step.py::test_a_steps_compile_time_is_what_the_compile_clock_advanced_during_it",
         "tests/train/test_step.py::test_a_multi_process_trainer_places_rows_on_its_models_mesh",
@@ -194,6 +196,11 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
         "update, donate_argnums=(0, 1), out_shardings=(param_shardings, state_shardings, None, None)",
         "core/NumberReplacer",
     ): "which input buffers the update may reuse (the optimizer state or the gradients): memory, not a result",
+    (
+        "train/step.py",
+        "if len(_UPDATES) >= _UPDATES_KEPT:",
+        "core/ReplaceComparisonOperator_GtE_Gt",
+    ): "whether the update cache keeps 16 or 17 programs: a speed, not a result",
     (
         "train/step.py",
         "shared_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)",

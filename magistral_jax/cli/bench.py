@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "step) and once asynchronously with the paged KV cache (a pool of 16-token pages holding what the "
             "contiguous cache holds, decoding as many sequences as the queue bound lets out), and reports the "
             "completions trained per second after the warm-up steps, their ratio, the generator's tokens per "
-            "second of both caches and their ratio, the policy lag and each mode's reward curve."
+            "second of both caches (over the wall time, and over the time it spent generating) and their ratios, "
+            "the policy lag and each mode's reward curve; --rounds alternates the three modes and reports medians."
         ),
     )
     r.add_argument("--steps", type=int, default=14, help="GRPO steps per mode (default 14)")
@@ -534,6 +535,7 @@ def run_rl(args: argparse.Namespace) -> int:
                     out.update(
                         slots=cfg.async_rl.slots,
                         generator_tokens_per_s=sum(m["generator_tokens_per_s"] for m in timed) / len(timed),
+                        generator_busy_tokens_per_s=sum(m["generator_busy_tokens_per_s"] for m in timed) / len(timed),
                         policy_lag_mean=sum(m["policy_lag_mean"] for m in timed) / len(timed),
                         policy_lag_max=max(m["policy_lag_max"] for m in timed),
                         weight_push_s=max(m["weight_push_s"] for m in timed),
@@ -549,8 +551,11 @@ def run_rl(args: argparse.Namespace) -> int:
     paged = [r["paged"]["generator_tokens_per_s"] / r["async"]["generator_tokens_per_s"] for r in rounds]
     results["ratio_per_round"] = [round(x, 2) for x in ratios]
     results["ratio"] = round(float(np.median(ratios)), 2)
+    busy = [r["paged"]["generator_busy_tokens_per_s"] / r["async"]["generator_busy_tokens_per_s"] for r in rounds]
     results["paged_generation_ratio_per_round"] = [round(x, 2) for x in paged]
     results["paged_generation_ratio"] = round(float(np.median(paged)), 2)
+    results["paged_busy_generation_ratio_per_round"] = [round(x, 2) for x in busy]
+    results["paged_busy_generation_ratio"] = round(float(np.median(busy)), 2)
     results["contiguous_cache_tokens"] = contiguous_tokens
     if args.json:
         print(json.dumps(results, indent=2))
@@ -574,7 +579,10 @@ def run_rl(args: argparse.Namespace) -> int:
         print(
             f"generation, same cache memory ({contiguous_tokens} tokens): contiguous {a['slots']} slots "
             f"{a['generator_tokens_per_s']} tokens/s, paged {p['slots']} slots {p['generator_tokens_per_s']} "
-            f"tokens/s: {results['paged_generation_ratio']}x (per round {results['paged_generation_ratio_per_round']})"
+            f"tokens/s: {results['paged_generation_ratio']}x "
+            f"(per round {results['paged_generation_ratio_per_round']}); "
+            f"per second of generating (waits left out) {a['generator_busy_tokens_per_s']} against "
+            f"{p['generator_busy_tokens_per_s']}: {results['paged_busy_generation_ratio']}x"
         )
     return 0
 

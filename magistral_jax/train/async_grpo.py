@@ -30,7 +30,8 @@ Metrics (beside the trainer's, per step): `policy_lag_mean` / `policy_lag_max` (
 minus the version of each trained token), `queue_depth` (completions waiting when the trainer took
 its batch), `outstanding_max` (the most completions ever generating, being scored or queued: at
 most `ratio * n_batch`), `weight_push_s`, `generator_tokens_per_s` (since the previous step),
-`trainer_utilisation` (share of the step's wall time spent training) and `wait_s`.
+`generator_busy_tokens_per_s` (per second the generator spent prefilling and decoding, its waits
+for room and weights left out), `trainer_utilisation` (share of the step's wall time spent training) and `wait_s`.
 
 Resuming: group `g` is the g-th prompt drawn from the data source. A checkpoint stores the data
 state at the oldest group not yet trained and the ids of the later groups already trained; a resumed
@@ -171,7 +172,7 @@ class Generator(threading.Thread):
         self.stopping = threading.Event()
         self.error: BaseException | None = None
         self.verifiers = ThreadPoolExecutor(max(1, verifiers), thread_name_prefix="magistral-verifier")
-        self.decode_s = 0.0
+        self.busy_s = 0.0  # time spent prefilling and decoding (not waiting for room or weights)
 
     # ---- the trainer's side ----
 
@@ -206,13 +207,15 @@ class Generator(threading.Thread):
                 new = self.policy.pull()
                 if new is not None:
                     self.batcher.set_params(*new)
+                t0 = time.perf_counter()
                 self._fill()
+                self.busy_s += time.perf_counter() - t0
                 if not self.batcher.busy:
                     self.queue.wait_for_room(0.1)
                     continue
                 t0 = time.perf_counter()
                 finished = self.batcher.step()
-                self.decode_s += time.perf_counter() - t0
+                self.busy_s += time.perf_counter() - t0
                 for f in finished:
                     self._collect(f)
         except BaseException as e:  # reported to the trainer by `check`
@@ -362,7 +365,7 @@ def train_async(
     metrics: dict[str, float] = {}
     generator.start()
     try:
-        last_time, last_tokens = time.perf_counter(), 0
+        last_time, last_tokens, last_busy = time.perf_counter(), 0, 0.0
         for step in steps:
             t0 = time.perf_counter()
             taken, kept, depth = [], [], None
@@ -396,9 +399,10 @@ def train_async(
             consumed.update(group.gid for group in taken)
             versions = [f.versions for group in kept for f in group.finished]
             lag = step - np.concatenate(versions) if versions else np.zeros(0, np.int64)
-            tokens = batcher.generated
+            tokens, busy = batcher.generated, generator.busy_s
             # Summed or maxed over the processes (one row each): lag sum, lag tokens, lag max,
-            # queue depth, outstanding completions, generated tokens/s, push time.
+            # queue depth, outstanding completions, generated tokens/s, push time, generated
+            # tokens/s of the generator's busy time.
             stats = allgather(
                 np.array(
                     [
@@ -409,6 +413,7 @@ def train_async(
                         queue.peak,
                         (tokens - last_tokens) / (t3 - last_time),
                         t3 - t2,
+                        (tokens - last_tokens) / max(busy - last_busy, 1e-9),
                     ],
                     np.float64,
                 )
@@ -424,9 +429,10 @@ def train_async(
                 time_step=t3 - t0,
                 trainer_utilisation=(t2 - t1) / (t3 - t0),
                 generator_tokens_per_s=float(stats[:, 5].sum()),
+                generator_busy_tokens_per_s=float(stats[:, 7].sum()),
                 tokens_per_s=float(drawn.lengths.sum() + metrics["trained_tokens"]) / (t3 - t0),
             )
-            last_time, last_tokens = t3, tokens
+            last_time, last_tokens, last_busy = t3, tokens, busy
             finish(step, metrics, data_state)
             generator.check()
     finally:

@@ -3,6 +3,7 @@ programs compiled once."""
 
 import contextlib
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from magistral_jax.train.step import (
     TrainingError,
     guarded_update,
     make_optimizer,
+    objective_of,
 )
 
 
@@ -191,6 +193,33 @@ def test_non_finite_updates_are_skipped_and_counted():
     assert trainer.train_step(microbatches)["nonfinite_total"] == 2.0
     with pytest.raises(TrainingError, match="2 non-finite updates in a row"):
         trainer.train_step(microbatches)
+
+
+def test_a_trainer_stops_at_the_run_configs_default_of_non_finite_updates_in_a_row():
+    from magistral_jax.train.config import RunConfig
+
+    model = mj.init_model(_cfg(), 6)
+    trainer = Trainer(model, OptimizerConfig(lr=1e-2), Objective(), total_steps=5, chunk=8)
+    items = _grpo_items(seed=6)
+    items[0].advantage = float("nan")
+    microbatches = pack(items, row_len=16, rows=16).microbatches
+    limit = RunConfig.__dataclass_fields__["max_nonfinite"].default
+    for _ in range(limit - 1):
+        assert trainer.train_step(microbatches)["skipped_nonfinite"] == 1.0
+    with pytest.raises(TrainingError, match=f"{limit} non-finite updates in a row"):
+        trainer.train_step(microbatches)
+
+
+def test_the_objective_of_a_run_samples_and_trains_at_its_temperature():
+    """GRPO's log-probabilities (pi_theta and pi_old alike) are those of the sampling distribution,
+    at the run's temperature; SFT's cross-entropy is at temperature 1 whatever grpo.temperature says."""
+    from magistral_jax.train.config import load_run_config
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs")
+    grpo = objective_of(load_run_config(os.path.join(root, "grpo-tiny.yaml"), ["grpo.temperature=0.7"]))
+    sft = objective_of(load_run_config(os.path.join(root, "sft-tiny.yaml"), ["grpo.temperature=0.7"]))
+    assert (grpo.kind, grpo.temperature) == ("pg", 0.7)
+    assert (sft.kind, sft.temperature) == ("sft", 1.0)
 
 
 @pytest.mark.parametrize("field", ["lr", "grad_clip"])
