@@ -609,21 +609,8 @@ class PagedSampler(Sampler):
             done = np.array([r in finished for r in range(rows)])
             yield Chunk(new, done, _sample_output(finished, rows) if done.all() else None)
 
-    def sample(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int | Sequence[int],
-        n: int = 1,
-        sampling: SamplingParams = MAGISTRAL,
-        seed: int = 0,
-        images: Sequence[Sequence[Any]] | None = None,
-    ) -> SampleOutput:
-        *_, last = self.stream(
-            prompts, max_new_tokens=max_new_tokens, n=n, sampling=sampling, seed=seed, chunk=self.chunk, images=images
-        )
-        assert last.output is not None
-        return last.output
+    def _sample_chunk(self, max_new_tokens: int | Sequence[int]) -> int:
+        return self.chunk
 
 
 def make_sampler(

@@ -280,6 +280,10 @@ class Sampler:
             raise ValueError(f"prompt token ids must lie in [0, {cfg.text.vocab_size})")
         return batch, lengths, budgets
 
+    def _sample_chunk(self, max_new_tokens: int | Sequence[int]) -> int:
+        """Decode steps per chunk of `sample`: the whole budget (one compiled loop)."""
+        return max(1, int(np.max(max_new_tokens)))
+
     def _decode(self, state: DecodeState, limit: int, sampling: SamplingParams) -> DecodeState:
         # A fixed-weights sampler: every token comes from policy version 0.
         with self.model.mesh_context():
@@ -344,7 +348,7 @@ class Sampler:
             n=n,
             sampling=sampling,
             seed=seed,
-            chunk=max(1, int(np.max(max_new_tokens))),
+            chunk=self._sample_chunk(max_new_tokens),
             images=images,
         )
         assert last.output is not None

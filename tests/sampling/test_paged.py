@@ -149,7 +149,7 @@ def model():
 def test_paged_batcher_decodes_the_tokens_and_logprobs_of_the_contiguous_one(model, sampling):
     requests = _requests(16)
     want, _ = _run(model, requests, sampling, slots=16)
-    got, batcher = _run(model, requests, sampling, slots=48, cache="paged", page_size=8)
+    got, batcher = _run(model, requests, sampling, slots=16, cache="paged", page_size=8)
     assert got.keys() == want.keys() and len(got) == 48
     assert len({len(f.tokens) for f in want.values()}) > 3  # rows finish at different steps
     for tag, w in want.items():
@@ -200,8 +200,8 @@ def test_a_pool_too_small_preempts_the_youngest_and_loses_nothing(model):
         for g in (0, 1)
         for i in range(4)
     ]
-    want, _ = _run(model, requests, sampling, slots=8, stop_ids=())
-    got, batcher = _run(model, requests, sampling, slots=8, stop_ids=(), cache="paged", page_size=8, pool_tokens=152)
+    want, _ = _run(model, requests, sampling, slots=16, stop_ids=())
+    got, batcher = _run(model, requests, sampling, slots=16, stop_ids=(), cache="paged", page_size=8, pool_tokens=152)
     assert batcher.preemptions > 0 and batcher.recomputed > 0
     assert got.keys() == want.keys()
     for tag, w in want.items():
@@ -249,23 +249,24 @@ def test_bad_paged_settings_are_refused(model):
 
 
 def test_the_paged_sampler_samples_what_the_contiguous_one_does(model):
-    prompts, budgets, seed = [PROMPTS[0], PROMPTS[2]], [9, 14], 2**32 - 3
+    # 16 rows, budgets up to 20, pages of 8: the batcher shapes of the tests above (shared programs).
+    prompts, budgets, seed = [PROMPTS[0], PROMPTS[2]], [9, 20], 2**32 - 3
     sampling = SamplingParams(temperature=0.7, top_p=0.9)
-    want = Sampler(model, stop_ids=(2, 40)).sample(prompts, max_new_tokens=budgets, n=4, sampling=sampling, seed=seed)
+    want = Sampler(model, stop_ids=(2, 40)).sample(prompts, max_new_tokens=budgets, n=8, sampling=sampling, seed=seed)
     paged = PagedSampler(model, stop_ids=(2, 40), page_size=8, chunk=4)
-    got = paged.sample(prompts, max_new_tokens=budgets, n=4, sampling=sampling, seed=seed)
+    got = paged.sample(prompts, max_new_tokens=budgets, n=8, sampling=sampling, seed=seed)
     assert got.finish_reasons == want.finish_reasons and paged.preemptions == 0
-    for r in range(8):
+    for r in range(16):
         assert got.completion(r) == want.completion(r)
         m = want.lengths[r]
         np.testing.assert_allclose(got.logprobs[r, :m], want.logprobs[r, :m], atol=1e-5)
         np.testing.assert_allclose(got.raw_logprobs[r, :m], want.raw_logprobs[r, :m], atol=1e-5)
-    # Streamed in chunks through a pool of 18 pages that the 8 rows outgrow (they end up holding
-    # 4 x 2 + 2 + 4 x 3 = 22), each row's tokens arrive once.
-    small = PagedSampler(model, stop_ids=(2, 40), page_size=8, pool_tokens=144)
-    streamed = [[] for _ in range(8)]
-    for chunk in small.stream(prompts, max_new_tokens=budgets, n=4, sampling=sampling, seed=seed, chunk=4):
+    # Streamed in chunks through a pool of 19 pages that the 16 rows outgrow (they hold 8 x 1 + 2 +
+    # 8 x 1 = 18 at the start, up to 8 x 2 + 2 + 8 x 4 = 50), each row's tokens arrive once.
+    small = PagedSampler(model, stop_ids=(2, 40), page_size=8, pool_tokens=152)
+    streamed = [[] for _ in range(16)]
+    for chunk in small.stream(prompts, max_new_tokens=budgets, n=8, sampling=sampling, seed=seed, chunk=4):
         for r, new in enumerate(chunk.tokens):
             streamed[r] += new
     assert small.preemptions > 0
-    assert streamed == [want.completion(r) for r in range(8)]
+    assert streamed == [want.completion(r) for r in range(16)]
