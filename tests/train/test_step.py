@@ -234,6 +234,9 @@ def test_schedule_warmup_and_cosine():
     np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 4)], [0.2, 0.6, 1.0], rtol=1e-6)
     np.testing.assert_allclose(float(schedule(9)), 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way through the decay
     np.testing.assert_allclose(float(schedule(14)), 0.1, rtol=1e-6)
+    # By default cosine decays over the run's steps after warmup to a tenth of lr.
+    _, default = make_optimizer(OptimizerConfig(lr=1.0, schedule="cosine"), 10)
+    np.testing.assert_allclose([float(default(s)) for s in (0, 5, 10)], [1.0, 0.55, 0.1], rtol=1e-6)
     # A decay of one step (the run one update longer than its warmup) reaches the floor at once.
     _, short = make_optimizer(OptimizerConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1), 3)
     np.testing.assert_allclose([float(short(s)) for s in (2, 3)], [1.0, 0.1], rtol=1e-6)
