@@ -10,6 +10,13 @@ chunks without touching the cache: in-flight rows continue with their slightly s
 
 A request's draws depend only on its seed and its own token index, never on the slot it lands in
 or on the other rows, so a request decodes the same tokens in any batch under the same weights.
+
+The cache is contiguous (each slot reserves the longest prompt plus the largest budget; `insert`)
+or paged (`model.decoder.PagedKVCache`, its pages handed out by `sampling.pages.PagePool`): the
+requests of one `insert` with the same prompt are prefilled once (`prefill_pages`) and share its
+full pages, each starting on its own copy of the partly filled last one (`start_paged_rows`); a
+row takes pages chunk by chunk, and the youngest request is preempted and queued again when the
+pool runs dry. `PagedSampler` is the `Sampler` interface over a paged batcher.
 """
 
 from __future__ import annotations
