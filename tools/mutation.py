@@ -198,6 +198,11 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "which input buffers the update may reuse (the optimizer state or the gradients): memory, not a result",
     (
         "train/step.py",
+        "chunk: int = 256,",
+        "core/NumberReplacer",
+    ): "tokens per log-probability chunk: memory, not a result (each token's log-softmax is whole in one chunk)",
+    (
+        "train/step.py",
         "if len(_UPDATES) >= _UPDATES_KEPT:",
         "core/ReplaceComparisonOperator_GtE_Gt",
     ): "whether the update cache keeps 16 or 17 programs: a speed, not a result",
