@@ -328,17 +328,25 @@ def test_the_default_objective_clips_at_dapos_bounds():
         assert sums["clip_low" if advantage < 0 else "clip_high"] == float(clipped)
 
 
-def test_the_entropy_of_a_single_trained_token_is_its_own():
+def test_the_entropy_metric_is_the_mean_over_the_trained_tokens():
+    """One trained token (the metric's floor of one token must not halve it), then three: the
+    metric is the mean of each trained token's entropy, -sum p log p of its full softmax."""
     cfg = _cfg()
-    model = mj.init_model(cfg, 9)
-    prompt, answer = [5, 17, 33, 2], [71]
-    logits = np.asarray(model.logits(np.array([prompt + answer])), np.float64)[0, len(prompt) - 1]
-    logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-    trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(kind="sft"), total_steps=1, chunk=8)
-    metrics = trainer.train_step(pack([Item(prompt + answer, len(prompt), 1.0)], row_len=8, rows=1).microbatches)
-    assert metrics["trained_tokens"] == 1.0
-    np.testing.assert_allclose(metrics["entropy"], -(np.exp(logp) * logp).sum(), rtol=1e-5)
-    np.testing.assert_allclose(metrics["loss"], -logp[71], rtol=1e-5)
+    params = jax.device_get(mj.init_model(cfg, 9).params)  # each trainer donates its model's
+    prompt = [5, 17, 33, 2]
+    for answer in ([71], [71, 9, 40]):
+        model = mj.Model(cfg, jax.device_put(params))
+        logits = np.asarray(model.logits(np.array([prompt + answer])), np.float64)[0]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        trained = logp[len(prompt) - 1 : len(prompt) - 1 + len(answer)]
+        trainer = Trainer(model, OptimizerConfig(lr=1e-3), Objective(kind="sft"), total_steps=1)
+        item = Item(prompt + answer, len(prompt), 1.0 / len(answer))
+        metrics = trainer.train_step(pack([item], row_len=8, rows=1).microbatches)
+        assert metrics["trained_tokens"] == len(answer)
+        np.testing.assert_allclose(metrics["entropy"], -(np.exp(trained) * trained).sum(-1).mean(), rtol=1e-5)
+        want_loss = -np.mean([trained[k, tok] for k, tok in enumerate(answer)])
+        np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
 
 
 def test_a_steps_compile_time_is_what_the_compile_clock_advanced_during_it():
