@@ -198,6 +198,13 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "which input buffers the update may reuse (the optimizer state or the gradients): memory, not a result",
     (
         "train/step.py",
+        "return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, x.sharding), tree)",
+        "core/AddNot",
+    ): "uncommitted arrays make the second step compile its programs again: a speed, not a result (tests/train/"
+    "test_step.py::test_the_second_step_compiles_nothing catches it, outside this selection: the mutation runs "
+    "share a compilation cache)",
+    (
+        "train/step.py",
         "chunk: int = 256,",
         "core/NumberReplacer",
     ): "tokens per log-probability chunk: memory, not a result (each token's log-softmax is whole in one chunk)",

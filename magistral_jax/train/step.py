@@ -125,7 +125,7 @@ def microbatch_loss(params, mb: dict[str, jax.Array], cfg: ModelConfig, objectiv
         chunk=chunk,
     )
     mask = (mb["weights"] > 0).astype(jnp.float32)
-    stats = {"tokens": mask.sum(), "entropy_sum": (entropy * mask).sum(), "logp_sum": (logp * mask).sum()}
+    stats = {"tokens": mask.sum(), "entropy_sum": (entropy * mask).sum()}
     if objective.kind == "sft":
         per_token = -logp
     else:
