@@ -205,6 +205,11 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     "share a compilation cache)",
     (
         "train/step.py",
+        "@functools.partial(jax.jit, donate_argnums=0)",
+        "core/NumberReplacer",
+    ): "which buffer the gradient accumulation writes into (the running sum or the microbatch's): memory, not a result",
+    (
+        "train/step.py",
         "chunk: int = 256,",
         "core/NumberReplacer",
     ): "tokens per log-probability chunk: memory, not a result (each token's log-softmax is whole in one chunk)",
