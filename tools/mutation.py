@@ -210,6 +210,11 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "which buffer the gradient accumulation writes into (the running sum or the microbatch's): memory, not a result",
     (
         "train/step.py",
+        "@functools.partial(jax.jit, donate_argnums=0)",
+        "core/RemoveDecorator",
+    ): "the accumulation run eagerly instead of as one program writing in place: the same sums, more memory",
+    (
+        "train/step.py",
         "chunk: int = 256,",
         "core/NumberReplacer",
     ): "tokens per log-probability chunk: memory, not a result (each token's log-softmax is whole in one chunk)",
