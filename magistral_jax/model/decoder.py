@@ -128,9 +128,10 @@ def paged_block(longest: int, page_size: int) -> int:
     """The decode attention's block, in tokens, for a paged cache whose longest row holds
     `longest` tokens: about an eighth of it (a power of two from the page size to
     `MAX_PAGED_BLOCK`). Each loop step gathers a block of every row's pages, held or not (an
-    entry a row does not hold names the null page): large blocks read far past short rows (a
-    512-token block made decoding completions of tens of tokens 1.6x slower than 32 on the CPU),
-    small ones run many steps over long rows."""
+    entry a row does not hold names the null page): large blocks read far past short rows (with
+    a fixed 512-token block, `bench rl`'s paged generator ran at 0.3x the contiguous one's tokens
+    per second, completions being tens of tokens; BENCHMARKS.md), small ones run many steps over
+    long rows."""
     block = 1 << max(0, (-(-longest // 8) - 1).bit_length())
     return min(max(block, page_size), max(MAX_PAGED_BLOCK, page_size))
 
