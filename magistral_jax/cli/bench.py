@@ -544,8 +544,12 @@ def run_rl(args: argparse.Namespace) -> int:
     for mode in ("sync", "async", "paged"):
         per_round = [r[mode] for r in rounds]
         results[mode] = {
-            k: round(float(np.median([r[k] for r in per_round])), 4) for k in per_round[0] if k != "reward_curve"
+            k: round(float(np.median([r[k] for r in per_round])), 4 if k == "weight_push_s" else 2)
+            for k in per_round[0]
+            if k not in ("reward_curve", "slots")
         }
+        if "slots" in per_round[0]:
+            results[mode]["slots"] = per_round[0]["slots"]
         results[mode]["reward_curve"] = per_round[-1]["reward_curve"]
     ratios = [r["async"]["completions_per_s"] / r["sync"]["completions_per_s"] for r in rounds]
     paged = [r["paged"]["generator_tokens_per_s"] / r["async"]["generator_tokens_per_s"] for r in rounds]

@@ -179,22 +179,13 @@ class PagedKVCache:
         return PagedKVCache(k=kv, v=kv, page_table=("batch", None), lengths=("batch",))  # type: ignore[arg-type]
 
     @staticmethod
-    def shapes(cfg: TextConfig, pages: int, page_size: int, rows: int, table_width: int, dtype: Any) -> PagedKVCache:
-        kv = jax.ShapeDtypeStruct((pages, cfg.n_layers, cfg.n_kv_heads, page_size, cfg.head_dim), jnp.dtype(dtype))
-        return PagedKVCache(
-            k=kv,
-            v=kv,
-            page_table=jax.ShapeDtypeStruct((rows, table_width), jnp.int32),
-            lengths=jax.ShapeDtypeStruct((rows,), jnp.int32),
-        )
-
-    @staticmethod
     def init(cfg: ModelConfig, pages: int, page_size: int, rows: int, table_width: int) -> PagedKVCache:
         """An empty pool of `pages` pages (the null page included) and `rows` rows holding none."""
-        shapes = PagedKVCache.shapes(cfg.text, pages, page_size, rows, table_width, cfg.dtype)
+        tc = cfg.text
+        pool = (pages, tc.n_layers, tc.n_kv_heads, page_size, tc.head_dim)
         cache = PagedKVCache(
-            k=jnp.zeros(shapes.k.shape, shapes.k.dtype),
-            v=jnp.zeros(shapes.v.shape, shapes.v.dtype),
+            k=jnp.zeros(pool, cfg.dtype),
+            v=jnp.zeros(pool, cfg.dtype),
             page_table=jnp.zeros((rows, table_width), jnp.int32),
             lengths=jnp.zeros((rows,), jnp.int32),
         )

@@ -352,7 +352,8 @@ class ContinuousBatcher:
 
     def _insert_contiguous(self, requests: list[Request], slots: list[int]) -> None:
         rows = insert_rows(len(requests), len(self.occupant))
-        prompts, lengths, limits, seeds, rows_slots = self._rows(requests, slots, rows)
+        lengths, limits, seeds, rows_slots = self._rows(requests, slots, rows)
+        prompts = np.zeros((rows, self.width), np.int32)
         for i, req in enumerate(requests):
             prompts[i, : len(req.prompt)] = req.prompt
         with self.model.mesh_context():
@@ -369,7 +370,8 @@ class ContinuousBatcher:
             )
 
     def _rows(self, requests: list[Request], slots: list[int], rows: int):
-        prompts = np.zeros((rows, self.width), np.int32)
+        """The per-row inputs of the insert programs, `rows` long: prompt lengths, budgets, seeds
+        (and streams) and slots (out of range past the requests: dropped)."""
         lengths = np.ones(rows, np.int32)
         limits = np.zeros(rows, np.int32)
         seeds = np.zeros((rows, 2), np.uint32)
@@ -377,7 +379,7 @@ class ContinuousBatcher:
         for i, (req, slot) in enumerate(zip(requests, slots, strict=True)):
             lengths[i], limits[i], rows_slots[i] = len(req.prompt), req.max_new_tokens, slot
             seeds[i] = req.seed, req.stream + 1
-        return prompts, lengths, limits, seeds, rows_slots
+        return lengths, limits, seeds, rows_slots
 
     def _insert_paged(self, requests: list[Request], slots: list[int]) -> None:
         pool = self.pool
@@ -405,7 +407,7 @@ class ContinuousBatcher:
                 (copy_to[i],) = own = pool.take(1)
                 copy_from[i] = prompt_pages[u][full]
                 pool.hold(slot, own)
-        _, lengths, limits, seeds, rows_slots = self._rows(requests, slots, rows)
+        lengths, limits, seeds, rows_slots = self._rows(requests, slots, rows)
         # Distinct prompts padded as the rows are (a power of two, at least 8: few programs).
         prompts = np.zeros((insert_rows(len(distinct), len(self.occupant)), self.width), np.int32)
         prompt_lengths = np.ones(len(prompts), np.int32)
@@ -602,12 +604,13 @@ class PagedSampler(Sampler):
                 finished[f.request.tag] = f
             self.preemptions += batcher.preemptions - preempted
             tokens, lengths_now = to_host(batcher.state.tokens), to_host(batcher.state.lengths)
+            slot_of = {q.tag: i for i, q in enumerate(batcher.occupant) if q is not None}
             new = []
             for r in range(rows):
                 if r in finished:
                     have = finished[r].tokens
                 else:
-                    slot = next((i for i, q in enumerate(batcher.occupant) if q is not None and q.tag == r), None)
+                    slot = slot_of.get(r)
                     have = [] if slot is None else tokens[slot, : lengths_now[slot]].tolist()
                 # A preempted row decodes its tokens again (the same ones): only what is beyond
                 # what was yielded is new.
