@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +34,22 @@ def test_bad_arguments_are_refused(tmp_path):
     (tmp_path / "sft").mkdir()
     out = run_cli("demo", "--out", tmp_path)
     assert out.returncode != 0 and "holds a previous demo run" in out.stderr
+
+
+def test_bench_score_runs_the_correct_programs_of_each_language_through_the_sandbox(capsys):
+    from magistral_jax.cli import main
+
+    assert main(["bench", "score", "--completions", "2", "--tests", "3", "--repeats", "1", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    languages = ["python"] + (["cpp"] if shutil.which("g++") else [])
+    assert [k for k in results if k in ("python", "cpp")] == languages
+    for language in languages:
+        r = results[language]  # 2 completions x 3 tests, each test a sandboxed run
+        assert r["tests_per_s"] == pytest.approx(6 / r["seconds"], rel=0.05)
+    if "cpp" in results:  # a completion with one test: a compile and a run, under a round's time
+        assert 0 < results["cpp"]["compile_and_one_test_s"] < results["cpp"]["seconds"]
+    assert main(["bench", "score", "--tests", "0"]) != 0
+    assert "must be positive" in capsys.readouterr().err
 
 
 def test_demo_improves_held_out_accuracy_with_grpo(tmp_path):

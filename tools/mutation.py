@@ -2,13 +2,19 @@
 
     python tools/mutation.py                       # every module in MODULES, one after the other
     python tools/mutation.py rl/losses.py          # one module (resumes its session if it was cut)
+    python tools/mutation.py --sample 90 MODULE    # a seeded random 90 of its mutants; a larger
+                                                   # --sample (0: all) later adds to them
+    python tools/mutation.py --survivors MODULE    # after adding tests: only the survivors again
     python tools/mutation.py --list                # the modules, their tests and mutant counts
 
 Cosmic Ray (the `test` extra) makes each mutant: one small change to one module (an operator, a
 comparison, a constant, a condition, ...), then runs the fast tests that cover that module
 (`MODULES`) in a fresh process; the mutant is killed when a test fails. Each module works in its
 own copy of the repository (the tracked files, under `--work-dir`), so the checkout is never
-modified and an interrupted run resumes where it stopped (`--fresh` starts over).
+modified and an interrupted run resumes where it stopped (`--fresh` starts over). Cosmic Ray
+numbers a module's mutants by occurrence, so a session lasts while its module is unchanged:
+`--survivors` and a larger `--sample` keep what ran, against the tests and the rest of the package
+as they are then; a changed module starts over.
 
 The operators are one natural replacement per Python operator (`+` -> `-`, `*` -> `/`, `<` -> `<=`
 and `>=`, `and` -> `or`, ...), constants + 1, `not` added and removed, True/False swapped, loops
@@ -69,7 +75,12 @@ MODULES: dict[str, list[str]] = {
         "tests/model/test_layers.py",
         "tests/model/test_vision.py::test_two_images_of_different_sizes_in_one_sequence",  # Pixtral's 2D RoPE
     ],
-    "model/attention.py": ["tests/model/test_attention.py"],
+    "model/attention.py": [
+        "tests/model/test_attention.py",
+        "tests/sampling/test_paged.py::test_paged_attention_reads_each_rows_pages_through_its_table",
+        "tests/sampling/test_paged.py::test_paged_attention_reads_the_blocks_its_longest_row_fills_and_no_more",
+        "tests/sampling/test_paged.py::test_the_pallas_kernel_serves_a_decode_step_like_the_portable_path",
+    ],
     "rl/magistral_rewards.py": ["tests/rl/test_magistral_rewards.py"],
 }
 
@@ -298,14 +309,19 @@ def _tracked_files() -> list[str]:
 
 
 def _fingerprint(files: list[str], module: str) -> str:
-    """What a session's results depend on: the package, then the module's tests."""
+    """What a session's results depend on: the module (its mutants are numbered by occurrence in
+    it), the rest of the package, then the module's tests."""
     tests = {t.split("::")[0] for t in MODULES[module]} | {"tests/conftest.py"}
-    package, suite = hashlib.sha256(), hashlib.sha256()
+    own, package, suite = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     for f in sorted(files):
         path = ROOT / f
-        if path.is_file() and (f.startswith("magistral_jax/") or f in tests):
+        if not path.is_file():
+            continue
+        if f == f"magistral_jax/{module}":
+            own.update(path.read_bytes())
+        elif f.startswith("magistral_jax/") or f in tests:
             (package if f.startswith("magistral_jax/") else suite).update(f.encode() + b"\0" + path.read_bytes())
-    return f"{package.hexdigest()} {suite.hexdigest()}"
+    return f"{own.hexdigest()} {package.hexdigest()} {suite.hexdigest()}"
 
 
 def _copy_repository(dest: Path, files: list[str]) -> None:
@@ -363,24 +379,48 @@ def _excluded(mutation, lines: list[str], spans) -> bool:
     )
 
 
+def _candidates(items, module_file: Path) -> list:
+    """The work items that may run (not `_excluded`), in a fixed order."""
+    source = module_file.read_text()
+    lines, spans = source.splitlines(), _annotation_spans(source)
+    chosen = [item for item in items if not _excluded(item.mutations[0], lines, spans)]
+    return sorted(chosen, key=lambda i: (str(i.mutations[0].start_pos), i.mutations[0].operator_name))
+
+
+def _sampled(order: list, sample: int) -> list:
+    """A seeded random `sample` of `order` (0: all of it): the first `sample` of one fixed
+    permutation, so that a larger sample holds every mutant of a smaller one."""
+    if not sample or sample >= len(order):
+        return order
+    picks = random.Random(0).sample(range(len(order)), len(order))[:sample]
+    return [order[k] for k in sorted(picks)]
+
+
 def _skip(work_db, module_file: Path, sample: int) -> int:
     """Marks as skipped the mutants not run (`_excluded`) and all but a seeded random `sample` of
     the rest (0: keep all). Returns how many are left."""
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
-    source = module_file.read_text()
-    lines, spans = source.splitlines(), _annotation_spans(source)
-    chosen, skipped = [], []
-    for item in list(work_db.pending_work_items):
-        (skipped if _excluded(item.mutations[0], lines, spans) else chosen).append(item)
-    if sample and len(chosen) > sample:
-        order = sorted(chosen, key=lambda i: (str(i.mutations[0].start_pos), i.mutations[0].operator_name))
-        kept = set(random.Random(0).sample(range(len(order)), sample))
-        skipped += [item for k, item in enumerate(order) if k not in kept]
-        chosen = [item for k, item in enumerate(order) if k in kept]
-    for item in skipped:
-        work_db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not run"))
-    return len(chosen)
+    items = list(work_db.pending_work_items)
+    kept = {item.job_id for item in _sampled(_candidates(items, module_file), sample)}
+    for item in items:
+        if item.job_id not in kept:
+            work_db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not run"))
+    return len(kept)
+
+
+def _grow(db_path: Path, module_file: Path, sample: int) -> int:
+    """Makes pending again the mutants a larger `sample` (0: all) adds to a session's smaller one;
+    what already ran keeps its result. Returns how many were added."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome
+
+    with use_db(str(db_path), WorkDB.Mode.open) as db:
+        skipped = {i.job_id for i, r in db.completed_work_items if r.worker_outcome == WorkerOutcome.SKIPPED}
+        added = [i.job_id for i in _sampled(_candidates(db.work_items, module_file), sample) if i.job_id in skipped]
+    with sqlite3.connect(db_path) as db:
+        db.executemany("DELETE FROM work_results WHERE job_id = ?", [(j,) for j in added])
+    return len(added)
 
 
 def _equivalent(module: str, line: str, mutation, diff: str) -> bool:
@@ -407,7 +447,7 @@ def run_module(
     work_dir: Path,
     fresh: bool,
     timeout_factor: float,
-    sample: int = 0,
+    sample: int | None = None,
     report_only: bool = False,
     survivors: bool = False,
 ) -> Result | None:
@@ -420,21 +460,29 @@ def run_module(
     copy, db_path, stamp = home / "repo", home / "session.sqlite", home / "fingerprint"
     fingerprint = _fingerprint(files, module)
     stamped = stamp.read_text().split() if stamp.exists() and db_path.exists() else []
+    before = int(stamped[-1]) if stamped else None
+    if sample is None:  # the session's own sample while the module is unchanged, else all
+        sample = before if before is not None and stamped[:1] == fingerprint.split()[:1] else 0
     new = fresh or stamped != [*fingerprint.split(), str(sample)]
     env = _environment(copy, work_dir / "jax-cache")
     command = _test_command(tests)
     target = copy / "magistral_jax" / module
-    if new and survivors and stamped[:1] == fingerprint.split()[:1] and not fresh:
-        # Only the tests changed (tests were added): what was killed stays killed; the survivors
-        # run again against the new tests.
+    grow = before not in (None, sample) and before != 0 and (sample == 0 or sample > before)
+    if new and (survivors or grow) and stamped[:1] == fingerprint.split()[:1] and not fresh:
+        # The module is unchanged, so its mutants are the same: what ran keeps its result (with
+        # --survivors, the survivors run again) against the tests and the rest of the package as
+        # they are now; a larger --sample adds its mutants.
         _copy_repository(copy, files)
         config = (home / "cr.toml").read_text()
         (home / "cr.toml").write_text(
             re.sub(r"(?m)^test-command = .*$", lambda _: f"test-command = {json.dumps(command)}", config)
         )
-        with sqlite3.connect(db_path) as db:
-            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
-        stamp.write_text(f"{fingerprint} {stamped[-1]}")
+        if survivors:
+            with sqlite3.connect(db_path) as db:
+                db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+        if grow:
+            print(f"{module}: {_grow(db_path, target, sample)} mutants added to the sample of {before}")
+        stamp.write_text(f"{fingerprint} {sample if grow else before}")
         new = False
     if new and not report_only:
         home.mkdir(parents=True, exist_ok=True)
@@ -461,7 +509,7 @@ def run_module(
     if report_only and not db_path.exists():
         print(f"note: {module}: no session under {home}")
         return None
-    if report_only and stamped[:2] != fingerprint.split():
+    if report_only and stamped[:3] != fingerprint.split():
         print(f"note: {module}: the session ran against an earlier state of the code or tests")
     start = time.perf_counter()
     if not report_only:
@@ -519,13 +567,16 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout-factor", type=float, default=4.0, help="a mutant's test run may take this many baselines"
     )
     parser.add_argument(
-        "--sample", type=int, default=0, help="run a seeded random sample of this many mutants per module (0: all)"
+        "--sample",
+        type=int,
+        help="run a seeded random sample of this many mutants per module (0: all; default: all, or a "
+        "session's own sample); a larger sample (or 0) later adds to a session's mutants, keeping what ran",
     )
     parser.add_argument("--report", action="store_true", help="report the sessions run so far, run nothing")
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="after adding tests (the package unchanged): run again only the mutants that survived",
+        help="after adding tests (the module itself unchanged): run again only the mutants that survived",
     )
     parser.add_argument("--list", action="store_true", help="list the modules, their tests and mutant counts")
     args = parser.parse_args(argv)

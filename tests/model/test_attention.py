@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from magistral_jax import make_mesh
-from magistral_jax.model.attention import attention, cached_attention
+from magistral_jax.model import attention as attention_module
+from magistral_jax.model.attention import attention, cached_attention, paged_attention
 
 # splash runs in Pallas' interpreter here (the TPU kernel's own code, slowly)
 IMPLS = ["xla", "cudnn", "chunked", "splash"]
@@ -192,10 +193,13 @@ def _cached(q, k_layers, v_layers, layer, qp, qs, kp, ks, block):
     return np.asarray(out)
 
 
-def test_cached_attention_reads_only_the_filled_blocks():
-    """Rows filled to 13 and 21 of 40 slots, blocks of 8: blocks 0-2 (slots 0-23) are read; NaNs
-    from slot 24 on never reach the output, as they would if those slots were read (0 x NaN)."""
-    (q, k, v, qp, qs, kp, ks), want = _filled_cache(np.random.default_rng(6), 2, np.array([13, 21]))
+@pytest.mark.parametrize("longest", [17, 23])
+def test_cached_attention_reads_only_the_filled_blocks(longest):
+    """Rows filled to 13 and `longest` of 40 slots, blocks of 8: ceil(17 / 8) = ceil(23 / 8) = 3
+    blocks (slots 0-23) are read. NaNs from slot 24 on never reach the output, as they would if
+    a fourth block were read (0 x NaN); at 17 the third block holds one filled slot, which a
+    loop one block short would miss."""
+    (q, k, v, qp, qs, kp, ks), want = _filled_cache(np.random.default_rng(6), 2, np.array([13, longest]))
     k[:, 24:], v[:, 24:] = np.nan, np.nan
     np.testing.assert_allclose(_cached(q, [k], [v], 0, qp, qs, kp, ks, block=8), want, atol=2e-5)
     # The plain implementation reads every slot: the NaNs poison it.
@@ -209,3 +213,71 @@ def test_cached_attention_reads_its_layer_of_the_stacked_cache_with_a_ragged_las
     nan = np.full_like(k, np.nan)
     got = _cached(q, [nan, k, nan], [nan, v, nan], 1, qp, qs, kp, ks, block=16)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("platform", "dtype", "t", "s", "self_attention", "chosen"),
+    [
+        # The module's rule: splash on TPU (self-attention only), cudnn on GPU for 16-bit inputs,
+        # else chunked when T * S exceeds 4096 * 4096, else xla.
+        ("tpu", jnp.float32, 8, 8, True, "splash"),
+        ("tpu", jnp.bfloat16, 8, 8, False, "xla"),  # a cache: not self-attention
+        ("tpu", jnp.float32, 8, 8, "positions", "xla"),  # the same positions, other segments
+        ("tpu", jnp.float32, 8, 8, "segments", "xla"),
+        ("gpu", jnp.bfloat16, 8, 8, True, "cudnn"),
+        ("gpu", jnp.float16, 8, 8, False, "cudnn"),
+        ("gpu", jnp.float32, 8, 8, True, "xla"),
+        ("cpu", jnp.bfloat16, 8, 8, True, "xla"),
+        ("cpu", jnp.float32, 4096, 4096, False, "xla"),  # T * S at the threshold
+        ("cpu", jnp.float32, 4097, 4096, False, "chunked"),  # one query row past it
+        ("tpu", jnp.float32, 4097, 4096, False, "chunked"),
+    ],
+)
+def test_auto_picks_the_implementation_of_the_platform(monkeypatch, platform, dtype, t, s, self_attention, chosen):
+    """`impl="auto"` traced (never run) with each implementation replaced by a recorder."""
+    picked = []
+
+    def recorder(name):
+        return lambda q, *args, **kw: picked.append(name) or jnp.zeros(q.shape, q.dtype)
+
+    monkeypatch.setattr(attention_module, "_platform", lambda: platform)
+    for name in ("splash", "chunked", "xla"):
+        monkeypatch.setattr(attention_module, f"_{name}_attention", recorder(name))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorder("cudnn"))
+
+    def f(q, k, qp, kp):
+        # Self-attention passes the queries' own position and segment arrays for the keys.
+        kv_positions = qp if self_attention in (True, "positions") else kp
+        kv_segments = qp if self_attention in (True, "segments") else kp + 0
+        return attention(q, k, k, q_positions=qp, q_segments=qp, kv_positions=kv_positions, kv_segments=kv_segments)
+
+    shape = lambda n, dt: jax.ShapeDtypeStruct((1, n, 2, 4), dt)  # noqa: E731
+    jax.eval_shape(f, shape(t, dtype), shape(s, dtype), *(jax.ShapeDtypeStruct((1, n), jnp.int32) for n in (t, s)))
+    assert picked == [chosen]
+
+
+@pytest.mark.parametrize(
+    ("platform", "impl", "t", "kernel"),
+    [("tpu", "auto", 1, True), ("cpu", "auto", 1, False), ("cpu", "splash", 1, True), ("tpu", "auto", 2, False)],
+)
+def test_paged_attention_takes_the_kernel_for_one_new_token_on_tpu_or_when_asked(
+    monkeypatch, platform, impl, t, kernel
+):
+    monkeypatch.setattr(attention_module, "_platform", lambda: platform)
+    called = []
+    monkeypatch.setattr(attention_module, "_paged_pallas", lambda q, *a: called.append(1) or jnp.zeros_like(q))
+    pages = jax.ShapeDtypeStruct((4, 1, 1, 2, 8), jnp.float32)
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    jax.eval_shape(
+        lambda q, kp, vp, layer, table, lengths, qp: paged_attention(
+            q, kp, vp, layer, table, lengths, q_positions=qp, pages_per_block=1, impl=impl
+        ),
+        jax.ShapeDtypeStruct((2, t, 2, 8), jnp.float32),
+        pages,
+        pages,
+        ints(),
+        ints(2, 2),
+        ints(2),
+        ints(2, t),
+    )
+    assert called == ([1] if kernel else [])

@@ -136,6 +136,21 @@ def test_detects_the_seven_languages_with_latex_and_code_removed(text, language)
 
 
 @pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("Bonjour toi", "french"),  # 10 letters: MIN_LETTERS, identified
+        ("Bonjour to", None),  # 9 letters: too short
+        ("苹果树", "chinese"),  # three CJK ideographs, 4 letters each: 12
+        ("苹果", None),  # two: 8
+        ("一苹果", "chinese"),  # U+4E00 and U+9FFF, the block's first and last, count 4 too
+        ("\u9fff苹果", "chinese"),
+    ],
+)
+def test_a_part_needs_ten_letters_a_cjk_ideograph_counting_four(text, language):
+    assert detect_language(text) == language
+
+
+@pytest.mark.parametrize(
     ("problem", "thinking", "answer"),
     [
         (PROBLEM_FR, "$3 + 4 = 7$", ANSWER_FR),  # a thinking block of formulas only
@@ -284,12 +299,19 @@ def test_a_megabyte_completion_is_graded_in_bounded_time():
     assert len(thinking) > 10**6 and reward == pytest.approx(1.1) and reason is None
 
 
-def test_a_long_part_is_classified_by_its_start_middle_and_end_with_code_still_removed():
+def test_a_part_of_three_windows_or_fewer_is_classified_whole():
+    assert language_sample("a" * 3000) == ["a" * 3000]  # 3 x SAMPLE_CHARS
+    assert language_sample("a" * 3001) == ["a" * 1000] * 3
+
+
+@pytest.mark.parametrize("earlier", ["", "```sh\nls -l\n```\n"], ids=["one-block", "after-a-closed-block"])
+def test_a_long_part_is_classified_by_its_start_middle_and_end_with_code_still_removed(earlier):
     # French prose around a long code block whose middle window falls inside the block: its
-    # English identifiers and comments must not count.
+    # English identifiers and comments must not count. After a closed block, the middle window
+    # starts past three fences (inside: an odd count), the last past four (outside).
     code = "total = sum(values)  # compute the total of all the values we have read\n" * 30
     prose = THINK_FR * 20
-    text = f"{prose}\n```python\n{code}```\n{prose}"
+    text = f"{earlier}{prose}\n```python\n{code}```\n{prose}"
     middle = (len(text) - 1000) // 2
     assert text.index("```python") < middle and middle + 1000 < text.rindex("```")
     windows = language_sample(text)

@@ -64,6 +64,30 @@ def test_paged_attention_reads_each_rows_pages_through_its_table():
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
+@pytest.mark.parametrize("longest", [9, 15])
+def test_paged_attention_reads_the_blocks_its_longest_row_fills_and_no_more(longest):
+    """Pages of 4 tokens, 2 pages a block, a table 3 blocks wide: a longest row of 9 or 15 slots
+    takes ceil(9 / 8) = ceil(15 / 8) = 2 blocks. At 9 the second block holds one filled slot (a
+    loop a block short misses it); the third block's entries name NaN pages, which would poison
+    the output (0 x NaN) if the loop went a block too far."""
+    rng = np.random.default_rng(2)
+    k_pages, v_pages = (rng.normal(size=(10, 1, 2, 4, 16)).astype(np.float32) for _ in range(2))
+    k_pages[8:], v_pages[8:] = np.nan, np.nan
+    lengths = np.array([3, longest], np.int32)
+    table = np.array([[2, 3, 4, 5, 8, 9], [1, 6, 7, 0, 9, 8]], np.int32)
+    q = rng.normal(size=(2, 1, 8, 16)).astype(np.float32)
+    got = paged_attention(
+        *(jnp.asarray(x) for x in (q, k_pages, v_pages)),
+        jnp.int32(0),
+        jnp.asarray(table),
+        jnp.asarray(lengths),
+        q_positions=jnp.asarray(lengths[:, None] - 1),
+        pages_per_block=2,
+    )
+    want = _dense_paged_oracle(q, k_pages, v_pages, 0, table, lengths, lengths[:, None] - 1)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
 @pytest.mark.parametrize("mesh", [None, dict(data=2, tensor=2)], ids=["one-device", "data2-tensor2"])
 def test_the_pallas_kernel_serves_a_decode_step_like_the_portable_path(mesh):
     """`paged_attention(impl="splash")`: one new token per row through the Pallas kernel (in its
