@@ -266,14 +266,19 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     ): "top-p at p = 1 keeps every token whose preceding mass is below 1 in float32: all but a tail below rounding",
     (
         "model/attention.py",
-        "t, s = q.shape[1], k.shape[1]",
+        "k_j, v_j = (jax.lax.dynamic_slice(x, (0, layer, 0, start, 0), (b, 1, g, bk, d))[:, 0] for x in (k, v))",
         "core/NumberReplacer",
-    ): "s only chooses between implementations that give the same values",
+    ): "the slice spans the whole batch, kv-head and head-dim axes: JAX clamps any start on them to 0",
     (
         "model/attention.py",
         "probs = jax.nn.softmax(jnp.where(seen, logits, 0.0), axis=-1)",
         "core/NumberReplacer",
     ): "rows that see no key get any constant here; their probabilities are zeroed on the next line",
+    (
+        "model/attention.py",
+        "lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)",
+        "core/ReplaceUnaryOperator_USub_UAdd",
+    ): "a row that saw no key: the backward reads a non-finite log-sum-exp as 0, -inf and +inf alike",
     (
         "sampling/strategies.py",
         "picked = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]",

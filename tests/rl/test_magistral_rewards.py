@@ -321,16 +321,18 @@ def test_a_long_part_is_classified_by_its_start_middle_and_end_with_code_still_r
 
 
 @pytest.mark.parametrize(
-    ("tests", "where"),
+    ("tests", "where", "got"),
     [
-        ([{"input": "1 2\n"}], "tests[0]"),  # no expected output: `pass` would score 1.0
-        ([{"input": "1 2\n", "output": "3\n"}, {"input": "1 1\n", "output": None}], "tests[1]"),
-        ([{"output": "3\n"}], "tests[0]"),
-        (["1 2 -> 3"], "tests[0]"),
+        ([{"input": "1 2\n"}], "tests[0]", "['input']"),  # no expected output: `pass` would score 1.0
+        ([{"input": "1 2\n", "output": "3\n"}, {"input": "1 1\n", "output": None}], "tests[1]", "['input', 'output']"),
+        ([{"output": "3\n"}], "tests[0]", "['output']"),
+        (["1 2 -> 3"], "tests[0]", "str"),
     ],
 )
-def test_code_tests_without_input_and_output_strings_are_refused(tests, where):
-    with pytest.raises(ValueError, match=rf"code tests: {re.escape(where)} needs string `input` and `output`"):
+def test_code_tests_without_input_and_output_strings_are_refused(tests, where, got):
+    # The message names the test and what it holds: a dict's keys, or another value's type.
+    message = f"code tests: {where} needs string `input` and `output`, got {got}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         code_reward("pass", tests=tests)
 
 
@@ -341,6 +343,12 @@ def test_an_overlong_boxed_answer_is_wrong_without_parsing():
     start = time.perf_counter()
     assert score(f"[THINK]{THINK_EN}[/THINK]\\boxed{{{tower}}}", answer="9")[1]["correct"] == 0.0
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize(("chars", "correct"), [(1000, True), (1001, False)])
+def test_a_boxed_answer_of_up_to_1000_characters_is_parsed(chars, correct):
+    # "7" padded with spaces to `chars` inside the braces: math-verify reads 7.
+    assert math_correct("\\boxed{7" + " " * (chars - 1) + "}", "7") is correct
 
 
 def test_the_reward_is_registered_under_its_name():

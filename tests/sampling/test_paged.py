@@ -88,12 +88,17 @@ def test_paged_attention_reads_the_blocks_its_longest_row_fills_and_no_more(long
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
-@pytest.mark.parametrize("mesh", [None, dict(data=2, tensor=2)], ids=["one-device", "data2-tensor2"])
-def test_the_pallas_kernel_serves_a_decode_step_like_the_portable_path(mesh):
+@pytest.mark.parametrize(
+    ("mesh", "g"),
+    [(None, 2), (dict(data=2, tensor=2), 2), (dict(data=2, tensor=2), 1)],
+    ids=["one-device", "data2-tensor2", "data2-tensor2-one-kv-head"],
+)
+def test_the_pallas_kernel_serves_a_decode_step_like_the_portable_path(mesh, g):
     """`paged_attention(impl="splash")`: one new token per row through the Pallas kernel (in its
-    interpreter here), rows over the batch axes and kv heads over tensor inside a mesh."""
+    interpreter here), rows over the batch axes and kv heads over tensor inside a mesh (one kv
+    head, which tensor=2 cannot split, replicated)."""
     rng = np.random.default_rng(1)
-    size, g, n, d = 4, 2, 8, 16
+    size, n, d = 4, 8, 16
     k_pages, v_pages = (rng.normal(size=(12, 2, g, size, d)).astype(np.float32) for _ in range(2))
     lengths = np.array([1, 4, 5, 10], np.int32)
     table = np.array([[3, 9, 9, 9], [5, 1, 2, 7], [6, 8, 11, 4], [6, 10, 2, 1]], np.int32)
