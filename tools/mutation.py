@@ -179,6 +179,7 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
         "rl/losses.py",
         "var = np.where(constant, 0.0, np.bincount(inverse, (rewards - means[inverse]) ** 2) / counts)",
         "core/NumberReplacer",
+        "constant, 1.0,",
     ): "a constant group's mean is its reward exactly, so r - mean is 0 whatever std divides it",
     (
         "rl/losses.py",
@@ -244,35 +245,58 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
         "first = jax.tree.leaves(shardings)[0]",
         "core/NumberReplacer",
     ): "which parameter's sharding names the mesh: every parameter is on the same mesh (or the same device)",
+    **{
+        ("sampling/strategies.py", line, "core/ReplaceUnaryOperator_USub_UAdd", piece): (
+            "the scores are [rows, vocabulary] (`choose` takes 2-D logits): axis 1 is axis -1"
+        )
+        for piece in ("axis=+1", "shape[+1]")
+        for line in (
+            "order = jnp.sort(scores, axis=-1)[..., ::-1]",
+            "probs = jax.nn.softmax(order, axis=-1)",
+            "before = jnp.cumsum(probs, axis=-1) - probs",
+            "n_keep = jnp.maximum(jnp.sum(before < p, axis=-1, keepdims=True), 1)",
+            "threshold = jnp.take_along_axis(order, n_keep - 1, axis=-1)",
+            "logp = jax.nn.log_softmax(scores, axis=-1)",
+            "floor = jnp.max(logp, axis=-1, keepdims=True) + jnp.log(min_p)",
+            "raw = jax.nn.log_softmax(logits, axis=-1)",
+            "tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)",
+            "picked = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]",
+            "tempered = jax.nn.log_softmax(scores, axis=-1)",
+            "scores = _keep_top_k(scores, min(params.top_k, scores.shape[-1]))",
+            "take = lambda x: jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0]  # noqa: E731",
+        )
+    },
+    **{
+        ("sampling/strategies.py", "if params.top_p < 1:", op): (
+            "top-p at p = 1 keeps every token whose preceding mass is below 1 in float32: all but a tail below rounding"
+        )
+        for op in ("core/NumberReplacer", "core/ReplaceComparisonOperator_Lt_LtE")
+    },
     (
         "sampling/strategies.py",
-        "before = jnp.cumsum(probs, axis=-1) - probs",
-        "core/ReplaceUnaryOperator_USub_UAdd",
-    ): "the scores are [rows, vocabulary]: axis 1 is axis -1",
+        "if params.min_p > 0:",
+        "core/ReplaceComparisonOperator_Gt_GtE",
+    ): "min-p 0 keeps every token: its floor is log 0 = -inf",
     (
         "sampling/strategies.py",
-        "floor = jnp.max(logp, axis=-1, keepdims=True) + jnp.log(min_p)",
-        "core/ReplaceUnaryOperator_USub_UAdd",
-    ): "the scores are [rows, vocabulary]: axis 1 is axis -1",
-    (
-        "sampling/strategies.py",
-        "raw = jax.nn.log_softmax(logits, axis=-1)",
-        "core/ReplaceUnaryOperator_USub_UAdd",
-    ): "the logits are [rows, vocabulary]: axis 1 is axis -1",
-    (
-        "sampling/strategies.py",
-        "if params.top_p < 1:",
+        "take = lambda x: jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0]  # noqa: E731",
         "core/NumberReplacer",
-    ): "top-p at p = 1 keeps every token whose preceding mass is below 1 in float32: all but a tail below rounding",
-    (
-        "model/attention.py",
-        "k_j, v_j = (jax.lax.dynamic_slice(x, (0, layer, 0, start, 0), (b, 1, g, bk, d))[:, 0] for x in (k, v))",
-        "core/NumberReplacer",
-    ): "the slice spans the whole batch, kv-head and head-dim axes: JAX clamps any start on them to 0",
+        ")[:, 1]",
+    ): "column 1 of a [rows, 1] array: JAX clamps the index to 0",
+    **{
+        (
+            "model/attention.py",
+            "k_j, v_j = (jax.lax.dynamic_slice(x, (0, layer, 0, start, 0), (b, 1, g, bk, d))[:, 0] for x in (k, v))",
+            "core/NumberReplacer",
+            starts,
+        ): "the slice spans the whole batch, kv-head and head-dim axes: JAX clamps any start on them to 0"
+        for starts in ("(1, layer, 0, start, 0)", "(0, layer, 1, start, 0)", "(0, layer, 0, start, 1)")
+    },
     (
         "model/attention.py",
         "probs = jax.nn.softmax(jnp.where(seen, logits, 0.0), axis=-1)",
         "core/NumberReplacer",
+        "logits, 1.0)",
     ): "rows that see no key get any constant here; their probabilities are zeroed on the next line",
     (
         "model/attention.py",
@@ -283,6 +307,7 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
         "sampling/strategies.py",
         "picked = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]",
         "core/NumberReplacer",
+        ")[:, 1]",
     ): "column 1 of a [rows, 1] array: JAX clamps the index to 0",
     **{
         (REWARDS, "out.reasons.append(reason if total == 0 or reason else None)", op): (
@@ -428,10 +453,15 @@ def _grow(db_path: Path, module_file: Path, sample: int) -> int:
     return len(added)
 
 
+def _bare(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
 def _equivalent(module: str, line: str, mutation, diff: str) -> bool:
     mutated = "".join(d[1:] for d in diff.splitlines() if d.startswith("+") and not d.startswith("+++"))
     return any(
-        key[:3] == (module, line, mutation.operator_name) and (len(key) < 4 or key[3] in mutated) for key in EQUIVALENT
+        key[:3] == (module, line, mutation.operator_name) and (len(key) < 4 or _bare(key[3]) in _bare(mutated))
+        for key in EQUIVALENT
     )
 
 

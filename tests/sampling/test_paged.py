@@ -69,22 +69,24 @@ def test_paged_attention_reads_the_blocks_its_longest_row_fills_and_no_more(long
     """Pages of 4 tokens, 2 pages a block, a table 3 blocks wide: a longest row of 9 or 15 slots
     takes ceil(9 / 8) = ceil(15 / 8) = 2 blocks. At 9 the second block holds one filled slot (a
     loop a block short misses it); the third block's entries name NaN pages, which would poison
-    the output (0 x NaN) if the loop went a block too far."""
+    the output (0 x NaN) if the loop went a block too far. Row 0's query sits past its 3 slots (a
+    padding query): it still sees those 3 only, not the rest of its page."""
     rng = np.random.default_rng(2)
     k_pages, v_pages = (rng.normal(size=(10, 1, 2, 4, 16)).astype(np.float32) for _ in range(2))
     k_pages[8:], v_pages[8:] = np.nan, np.nan
     lengths = np.array([3, longest], np.int32)
     table = np.array([[2, 3, 4, 5, 8, 9], [1, 6, 7, 0, 9, 8]], np.int32)
     q = rng.normal(size=(2, 1, 8, 16)).astype(np.float32)
+    q_positions = np.array([[5], [longest - 1]], np.int32)
     got = paged_attention(
         *(jnp.asarray(x) for x in (q, k_pages, v_pages)),
         jnp.int32(0),
         jnp.asarray(table),
         jnp.asarray(lengths),
-        q_positions=jnp.asarray(lengths[:, None] - 1),
+        q_positions=jnp.asarray(q_positions),
         pages_per_block=2,
     )
-    want = _dense_paged_oracle(q, k_pages, v_pages, 0, table, lengths, lengths[:, None] - 1)
+    want = _dense_paged_oracle(q, k_pages, v_pages, 0, table, lengths, q_positions)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
@@ -109,6 +111,8 @@ def test_the_pallas_kernel_serves_a_decode_step_like_the_portable_path(mesh, g):
         got = jax.jit(lambda *a: paged_attention(*a, **kw))(*args)
     want = _dense_paged_oracle(q, k_pages, v_pages, 1, table, lengths, lengths[:, None] - 1)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    if mesh:  # rows over data x fsdp (2 x 2 of the 8 devices), heads over tensor when the kv heads split
+        assert got.sharding.shard_shape(got.shape) == (1, 1, n // g, d)
 
 
 def test_the_page_pool_shares_prompt_pages_and_frees_a_page_with_its_last_holder():

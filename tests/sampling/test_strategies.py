@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from magistral_jax.sampling.strategies import GREEDY, SamplingParams, choose
+from magistral_jax.sampling.strategies import GREEDY, PRESETS, SamplingParams, choose
 
 # Probabilities 0.5, 0.3, 0.15, 0.05 (and logits shifted by a constant).
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -45,6 +45,41 @@ def test_greedy_is_argmax_with_raw_logprobs():
 def test_filters_keep_exactly_the_hand_worked_support(params, support):
     tokens, _, _ = _draw(params)
     assert set(tokens.tolist()) == support
+
+
+def test_greedy_takes_each_rows_own_argmax_and_its_logprob():
+    rows = jnp.asarray(np.stack([LOGITS, LOGITS[::-1]]), jnp.float32)  # argmax 0, then 3
+    tokens, logprobs, raw = choose(rows, jax.random.split(jax.random.key(0), 2), GREEDY)
+    assert tokens.tolist() == [0, 3]
+    np.testing.assert_allclose(np.asarray(raw), np.log(0.5), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(logprobs), np.log(0.5), rtol=1e-6)
+
+
+def test_top_k_counts_tokens_not_rows():
+    # Two rows, top-k 3: 100 draws of the pair (200 tokens) show the third token (0.15 / 0.95 of
+    # the kept mass; absent from all 200 with probability 0.84^200 < 1e-14).
+    drawn = {t for seed in range(100) for t in _draw(SamplingParams(top_k=3), n=2, seed=seed)[0].tolist()}
+    assert drawn == {0, 1, 2}
+
+
+def test_top_p_drops_a_token_whose_preceding_mass_equals_p():
+    # Probabilities 0.5, 0.25, 0.25, exact in float32: the mass before token 1 is 0.5 exactly, not
+    # below top-p 0.5, so only token 0 is kept (transformers drops the tokens whose ascending
+    # cumulative mass is at most 1 - 0.5: 0.25 and 0.5).
+    tokens, _, _ = _draw(SamplingParams(top_p=0.5), logits=np.log([2.0, 1.0, 1.0]), n=200)
+    assert set(tokens.tolist()) == {0}
+
+
+def test_min_p_keeps_a_token_exactly_at_its_floor():
+    # Probabilities 0.5, 0.25, 0.25 and min-p 0.5: the floor is 0.5 x 0.5 = 0.25, which tokens 1 and
+    # 2 reach exactly (in float32 too); transformers keeps probabilities >= min_p x the largest.
+    tokens, _, _ = _draw(SamplingParams(min_p=0.5), logits=np.log([2.0, 1.0, 1.0]), n=400)
+    assert set(tokens.tolist()) == {0, 1, 2}
+
+
+def test_the_magistral_preset_is_the_model_cards_sampling():
+    # Magistral Small 2509 model card: temperature 0.7, top_p 0.95.
+    assert PRESETS["magistral"] == SamplingParams(temperature=0.7, top_p=0.95)
 
 
 def test_temperature_sampling_frequencies_and_logprobs():
