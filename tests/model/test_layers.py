@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 
-from magistral_jax.model.layers import apply_rope, rms_norm, segment_positions, text_rope_angles
+from magistral_jax.model.layers import apply_rope, rms_norm, round_up, segment_positions, text_rope_angles
 
 
 def test_rms_norm_closed_form():
@@ -94,3 +95,8 @@ def test_segment_positions_hand_worked():
     )
     expected = [[0, 1, 2, 0, 1, 0, 0], [0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
     np.testing.assert_array_equal(np.asarray(segment_positions(segments)), expected)
+
+
+@pytest.mark.parametrize(("x", "up"), [(-5, 128), (0, 128), (1, 128), (128, 128), (129, 256), (300, 384)])
+def test_round_up_is_the_smallest_positive_multiple_at_least_x(x, up):
+    assert round_up(x, 128) == up
