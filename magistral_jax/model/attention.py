@@ -336,7 +336,7 @@ def cached_attention(
     kv_positions: Int[Array, "B S"],
     kv_segments: Int[Array, "B S"],
     filled: Int[Array, ""],
-    block: int = 512,
+    block: int,
     scale: float | None = None,
 ) -> Float[Array, "B T N K"]:
     """Causal attention of the new queries over `layer` of a KV cache laid out as the decoder's
