@@ -26,10 +26,6 @@ ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
 SMALL_2509 = "magistral-small-2509"
 
-# One worker runs this module (pytest -n 2, `--dist loadgroup` in pyproject.toml), so its
-# module-scoped fixture, minutes of work, is built once and not once per worker.
-pytestmark = pytest.mark.xdist_group("plan")
-
 
 @pytest.fixture(scope="module")
 def grpo_32k():

@@ -30,10 +30,6 @@ from magistral_jax.tokenizer import load_tokenizer
 
 SECTION = "### The Magistral recipe, end to end"
 
-# One worker runs this module (pytest -n 2, `--dist loadgroup` in pyproject.toml), so its
-# module-scoped fixture, minutes of work, is built once and not once per worker.
-pytestmark = pytest.mark.xdist_group("recipe-chain")
-
 
 def _commands() -> list[list[str]]:
     """The tiny chain's command lines (the first bash block), with `configs/` made absolute."""
