@@ -36,6 +36,20 @@ def _dense_paged_oracle(q, k_pages, v_pages, layer, table, lengths, q_positions)
     return out
 
 
+def _check_portable_path(q, k_pages, v_pages, layer, table, lengths, q_positions):
+    """`paged_attention`'s portable path, blocks of 2 pages, against the oracle."""
+    got = paged_attention(
+        *(jnp.asarray(x) for x in (q, k_pages, v_pages)),
+        jnp.int32(layer),
+        jnp.asarray(table),
+        jnp.asarray(lengths),
+        q_positions=jnp.asarray(q_positions),
+        pages_per_block=2,
+    )
+    want = _dense_paged_oracle(q, k_pages, v_pages, layer, table, lengths, q_positions)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
 def test_paged_attention_reads_each_rows_pages_through_its_table():
     rng = np.random.default_rng(0)
     size, n_pages, layers, g, n, d = 4, 12, 3, 2, 8, 16
@@ -50,18 +64,7 @@ def test_paged_attention_reads_each_rows_pages_through_its_table():
     q = rng.normal(size=(4, 2, n, d)).astype(np.float32)
     q_positions = lengths[:, None] - np.array([[2, 1]])  # two new tokens, the later sees one more slot
     q_positions[0] = [0, 0]
-    got = paged_attention(
-        jnp.asarray(q),
-        jnp.asarray(k_pages),
-        jnp.asarray(v_pages),
-        jnp.int32(2),
-        jnp.asarray(table),
-        jnp.asarray(lengths),
-        q_positions=jnp.asarray(q_positions),
-        pages_per_block=2,
-    )
-    want = _dense_paged_oracle(q, k_pages, v_pages, 2, table, lengths, q_positions)
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    _check_portable_path(q, k_pages, v_pages, 2, table, lengths, q_positions)
 
 
 @pytest.mark.parametrize("longest", [9, 15])
@@ -78,16 +81,7 @@ def test_paged_attention_reads_the_blocks_its_longest_row_fills_and_no_more(long
     table = np.array([[2, 3, 4, 5, 8, 9], [1, 6, 7, 0, 9, 8]], np.int32)
     q = rng.normal(size=(2, 1, 8, 16)).astype(np.float32)
     q_positions = np.array([[5], [longest - 1]], np.int32)
-    got = paged_attention(
-        *(jnp.asarray(x) for x in (q, k_pages, v_pages)),
-        jnp.int32(0),
-        jnp.asarray(table),
-        jnp.asarray(lengths),
-        q_positions=jnp.asarray(q_positions),
-        pages_per_block=2,
-    )
-    want = _dense_paged_oracle(q, k_pages, v_pages, 0, table, lengths, q_positions)
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    _check_portable_path(q, k_pages, v_pages, 0, table, lengths, q_positions)
 
 
 @pytest.mark.parametrize(
